@@ -1,0 +1,50 @@
+# The two commands of the README contract:
+#   make demo   set up .venv, build, run the main job
+#   make test   set up .venv, build, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH_VERSION ?= 2.14.1
+STAMP  := $(VENV)/.robustops-built
+
+.PHONY: test demo setup build wheel bench bench-quick cuda-check clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# torch first (the CPU wheel), then the extension built against it without build isolation.
+$(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q ninja numpy scipy scikit-learn
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+build: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m robustops.cli demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --quick
+
+# Build a wheel, install it into a throw-away venv (torch from disk, no network), import, run an op.
+wheel: $(STAMP)
+	bash scripts/check_wheel.sh $(PY) $(TORCH_VERSION)
+
+# Compile the CUDA sources without a GPU: a separate venv with the CUDA build of torch + nvcc.
+cuda-check:
+	bash scripts/cuda_check.sh $(CUDA_VENV) $(CUDA_TORCH_VERSION)
+
+clean:
+	rm -rf build dist wheelhouse *.egg-info robustops/_C*.so $(STAMP)
