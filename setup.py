@@ -49,8 +49,9 @@ def get_extension():
     cuda_sources = sorted(glob.glob(os.path.join(CSRC, "ops", "cuda", "*.cu")))
 
     define_macros = [("ROBUSTOPS_COMPILER", '"%s"' % _compiler_name())]
-    cxx = ["-std=c++17", "-fvisibility=hidden"]
-    nvcc = ["-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    # The C++ standard is left to torch.utils.cpp_extension (C++17 or C++20 by torch version).
+    cxx = ["-fvisibility=hidden"]
+    nvcc = ["--expt-relaxed-constexpr", "-lineinfo"]
     link = []
     if debug:
         cxx += ["-O0", "-g3", "-UNDEBUG"]

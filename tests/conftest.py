@@ -1,0 +1,32 @@
+"""Shared fixtures: the devices to run on, a seeded RNG, and the ``needs_cuda`` marker."""
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every test taking ``device`` runs on the CPU and, when present, on CUDA."""
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Each test starts from the same global RNG state, so failures reproduce."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(1234)
