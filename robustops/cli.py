@@ -14,36 +14,15 @@ import argparse
 import json
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-
-
-def fgsm_accuracy_curve(model, x, y, eps: Sequence[float], batch_size: int = 512) -> List[float]:
-    """Accuracy under FGSM for every eps, from one input gradient per batch (model in eval mode)."""
-    import robustops
-
-    correct = torch.zeros(len(eps), dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, x.shape[0], batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            xg = xb.clone().requires_grad_(True)
-            loss = torch.nn.functional.cross_entropy(model(xg), yb, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, xg)
-            x_adv = robustops.ops.fgsm_step(xb, grad, eps)  # [K, B, ...]
-            with torch.no_grad():
-                for k in range(len(eps)):
-                    correct[k] += (model(x_adv[k]).argmax(1) == yb).sum()
-    finally:
-        model.train(was_training)
-    return (correct.double() / x.shape[0]).tolist()
 
 
 def demo(epochs: int = 15, seed: int = 0, eps: Optional[Sequence[float]] = None, json_path: Optional[str] = None) -> dict:
     import robustops
     from robustops import data, models
+    from robustops.attacks import robust_accuracy_curve
 
     eps = list(eps) if eps is not None else [0.0, 0.05, 0.1, 0.2, 0.3]
     print(f"robustops {robustops.__version__} | build: {robustops.build_info()}")
@@ -63,7 +42,7 @@ def demo(epochs: int = 15, seed: int = 0, eps: Optional[Sequence[float]] = None,
     print(f"clean test accuracy: {clean_acc:.4f}")
 
     t0 = time.perf_counter()
-    curve = fgsm_accuracy_curve(model, x_test, y_test, eps)
+    curve = robust_accuracy_curve(model, (x_test, y_test), eps).tolist()
     curve_s = time.perf_counter() - t0
     print(f"FGSM accuracy vs eps (one gradient, fused fgsm_step, {curve_s * 1e3:.0f} ms):")
     print("   eps   accuracy")
