@@ -12,14 +12,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:
-    from .common import compare, median_seconds
-except ImportError:  # run as a script
-    from common import compare, median_seconds
-
 import robustops  # noqa: F401
 from robustops import data, models
 from robustops.attacks import DeepFool, robust_accuracy_curve
+
+
+def _interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each function, timed in alternation (rep by rep), after one warm-up each.
+
+    On a shared machine the load drifts over minutes; alternating the candidates exposes them to
+    the same drift, so their ratio is steadier than that of two separate timing blocks.
+    """
+    import time
+
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def _record(shape, impl, ref_name, med, ref):
+    return {"name": "robust_accuracy_curve", "shape": shape, "impl": impl, "reference": ref_name,
+            "median_s": med, "reference_median_s": ref, "ratio": med / ref, "speedup": ref / med,
+            "device": "cpu", "threads": torch.get_num_threads()}
 
 
 def _curve_records(quick: bool) -> list:
@@ -31,7 +51,7 @@ def _curve_records(quick: bool) -> list:
     K = 10
     eps = [0.3 * k / (K - 1) for k in range(K)]
     shape = f"cpu:papernot_mnist 512x1x28x28 K={K}"
-    mrt = 2.0 if quick else 6.0
+    reps = 3 if quick else 7
 
     def loop():
         correct = []
@@ -44,19 +64,21 @@ def _curve_records(quick: bool) -> list:
                 correct.append((model(x_adv).argmax(1) == y).sum())
         return correct
 
-    ref = median_seconds(loop, mrt)
-
-    def curve():
+    def curve():  # default on CPU: concatenated forwards of 2048 images
         return robust_accuracy_curve(model, (x, y), eps, batch_size=512)
 
-    def curve_concat():
-        return robust_accuracy_curve(model, (x, y), eps, batch_size=512, concat_forward=True)
+    def curve_per_eps():
+        return robust_accuracy_curve(model, (x, y), eps, batch_size=512, concat_forward=False)
 
-    ref_name = "per-eps loop (fwd+bwd, step, fwd)"
-    records.append(compare("robust_accuracy_curve", shape, "robust_accuracy_curve", curve, ref_name, loop,
-                           min_run_time=mrt, reference_median_s=ref))
-    records.append(compare("robust_accuracy_curve", shape, "curve concat_forward=True", curve_concat, ref_name,
-                           loop, min_run_time=mrt, reference_median_s=ref))
+    def fwd():
+        with torch.inference_mode():
+            return model(x)
+
+    def fwd_bwd():
+        xg = x.clone().requires_grad_(True)
+        return torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+
+    fns = {"loop": loop, "curve": curve, "per_eps": curve_per_eps, "fwd": fwd, "fwd_bwd": fwd_bwd}
     try:
         import torchattacks
     except ImportError:
@@ -72,28 +94,26 @@ def _curve_records(quick: bool) -> list:
                     out.append((model(x_adv).argmax(1) == y).sum())
             return out
 
-        records.append(compare("robust_accuracy_curve", shape, "robust_accuracy_curve", curve,
-                               "torchattacks.FGSM looped over eps", ta_loop, min_run_time=mrt))
-    # the floor's components, for the note: one forward, one forward + input backward
-    fwd = median_seconds(lambda: model(x), 1.0)
-
-    def fwd_bwd():
-        xg = x.clone().requires_grad_(True)
-        return torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
-
-    fb = median_seconds(fwd_bwd, 1.0)
-    floor_ratio = K * (fb + fwd) / (fb + K * fwd)
-    records.append({"name": "robust_accuracy_curve", "shape": shape, "impl": "model forward (inference)",
-                    "reference": f"forward+input-backward; ideal curve speedup {floor_ratio:.2f}x",
-                    "median_s": fwd, "reference_median_s": fb, "ratio": fwd / fb, "speedup": fb / fwd,
-                    "device": "cpu", "threads": torch.get_num_threads()})
+        fns["torchattacks"] = ta_loop
+    t = _interleaved(fns, reps)
+    ref_name = "per-eps loop (fwd+bwd, step, fwd)"
+    records = [
+        _record(shape, "robust_accuracy_curve", ref_name, t["curve"], t["loop"]),
+        _record(shape, "curve concat_forward=False", ref_name, t["per_eps"], t["loop"]),
+    ]
+    if "torchattacks" in t:
+        records.append(_record(shape, "robust_accuracy_curve", "torchattacks.FGSM looped over eps (+ fwd)",
+                               t["curve"], t["torchattacks"]))
+    ideal = K * (t["fwd_bwd"] + t["fwd"]) / (t["fwd_bwd"] + K * t["fwd"])
+    records.append(_record(shape, "model forward (inference)",
+                           f"forward+input-backward; floor-vs-loop ideal speedup {ideal:.2f}x", t["fwd"], t["fwd_bwd"]))
     return records
 
 
 def _deepfool_records(quick: bool) -> list:
     x_tr, y_tr = data.as_tensors(data.load("digits", split="train"))
     x, y = data.as_tensors(data.load("digits", split="test"))
-    n = 64 if quick else 256
+    n = 64 if quick else 128
     x, y = x[:n], y[:n]
     torch.manual_seed(0)
     model = models.small_cnn()
@@ -106,8 +126,11 @@ def _deepfool_records(quick: bool) -> list:
     def per_image():
         return [atk(x[i:i + 1], y[i:i + 1]) for i in range(n)]
 
-    return [compare("deepfool", f"cpu:small_cnn digits {n}x1x8x8", "DeepFool batched", batched,
-                    "DeepFool image by image", per_image, min_run_time=1.0 if quick else 3.0)]
+    t = _interleaved({"batched": batched, "per_image": per_image}, 1 if quick else 3)
+    rec = _record(f"cpu:small_cnn digits {n}x1x8x8", "DeepFool batched", "DeepFool image by image",
+                  t["batched"], t["per_image"])
+    rec["name"] = "deepfool"
+    return [rec]
 
 
 def run(quick: bool = False) -> list:
