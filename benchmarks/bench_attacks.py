@@ -51,7 +51,7 @@ def _curve_records(quick: bool) -> list:
     K = 10
     eps = [0.3 * k / (K - 1) for k in range(K)]
     shape = f"cpu:papernot_mnist 512x1x28x28 K={K}"
-    reps = 3 if quick else 7
+    reps = 3 if quick else 5
 
     def loop():
         correct = []
