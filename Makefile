@@ -21,6 +21,9 @@ $(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(shell find csrc -type f 2
 	$(PIP) install -q torch==$(TORCH_VERSION)
 	$(PIP) install -q ninja numpy scipy scikit-learn
 	$(PIP) install -q --no-build-isolation -e ".[test]"
+	@# Peer library for the equality tests only (its torchvision dependency would pull a CUDA torch,
+	@# so --no-deps); best effort: those tests skip when it is absent.
+	-$(PIP) install -q --no-deps torchattacks==3.5.1 || echo "torchattacks not installed: its tests will be skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)
