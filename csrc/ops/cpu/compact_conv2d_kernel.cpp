@@ -158,7 +158,10 @@ void patch_boxsum_adjoint_plane(const T* __restrict__ gq, const CompactConvGeom&
 template <typename T>
 struct Simd {
   typedef T vec __attribute__((vector_size(32)));
+  typedef T uvec __attribute__((vector_size(32), aligned(sizeof(T))));  // unaligned access
   static constexpr int kLanes = 32 / sizeof(T);
+  static inline __attribute__((always_inline)) vec load(const T* p) { return *reinterpret_cast<const uvec*>(p); }
+  static inline __attribute__((always_inline)) void store(T* p, vec v) { *reinterpret_cast<uvec*>(p) = v; }
 };
 
 constexpr int kCoBlock = 6;  // output channels per micro-tile
@@ -195,6 +198,21 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
   T* __restrict__ cols = A.cols;
 
   // 1. im2col of this tile: cols[k][j] = x[n, grp*Cg + c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
+  //    The tile is split into row segments (one output row each) once; then every tap copies its
+  //    valid span per segment and zero-fills the padding.
+  int64_t seg_oh[kTile], seg_ow0[kTile], seg_len[kTile], seg_j[kTile];
+  int64_t nseg = 0;
+  for (int64_t j = 0, p = p0; j < cnt; ++nseg) {
+    const int64_t oh = p / g.Wo;
+    const int64_t ow0 = p - oh * g.Wo;
+    const int64_t len = std::min(g.Wo - ow0, cnt - j);
+    seg_oh[nseg] = oh;
+    seg_ow0[nseg] = ow0;
+    seg_len[nseg] = len;
+    seg_j[nseg] = j;
+    j += len;
+    p += len;
+  }
   const T* xn = A.x + (n * g.C + grp * g.Cg) * g.H * g.W;
   for (int64_t c = 0; c < g.Cg; ++c) {
     const T* xc = xn + c * g.H * g.W;
@@ -204,29 +222,23 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
         const int64_t offw = kw * g.dw - g.pw;
         int64_t lo, hi;
         valid_range(offw, g.sw, g.W, g.Wo, lo, hi);
-        int64_t j = 0;
-        int64_t p = p0;
-        while (j < cnt) {
-          const int64_t oh = p / g.Wo;
-          const int64_t ow0 = p - oh * g.Wo;
-          const int64_t len = std::min(g.Wo - ow0, cnt - j);
-          const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
-          T* d = dst + j - ow0;  // d[ow] for ow in [ow0, ow0 + len)
-          const int64_t a = std::max(ow0, lo), b = std::min(ow0 + len, hi);
+        for (int64_t sgi = 0; sgi < nseg; ++sgi) {
+          const int64_t ow0 = seg_ow0[sgi], ow1 = ow0 + seg_len[sgi];
+          const int64_t ih = seg_oh[sgi] * g.sh - g.ph + kh * g.dh;
+          T* __restrict__ d = dst + seg_j[sgi] - ow0;  // d[ow] for ow in [ow0, ow1)
+          const int64_t a = std::max(ow0, lo), b = std::min(ow1, hi);
           if (ih < 0 || ih >= g.H || a >= b) {
-            for (int64_t ow = ow0; ow < ow0 + len; ++ow) d[ow] = T(0);
-          } else {
-            for (int64_t ow = ow0; ow < a; ++ow) d[ow] = T(0);
-            const T* src = xc + ih * g.W + offw;
-            if (g.sw == 1) {
-              for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow];
-            } else {
-              for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow * g.sw];
-            }
-            for (int64_t ow = b; ow < ow0 + len; ++ow) d[ow] = T(0);
+            for (int64_t ow = ow0; ow < ow1; ++ow) d[ow] = T(0);
+            continue;
           }
-          j += len;
-          p += len;
+          for (int64_t ow = ow0; ow < a; ++ow) d[ow] = T(0);
+          const T* __restrict__ src = xc + ih * g.W + offw;
+          if (g.sw == 1) {
+            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow];
+          } else {
+            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow * g.sw];
+          }
+          for (int64_t ow = b; ow < ow1; ++ow) d[ow] = T(0);
         }
         for (int64_t jj = cnt; jj < cnt_pad; ++jj) dst[jj] = T(0);
       }
@@ -245,21 +257,21 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
   // 3. register-blocked W x with the scaling and bias folded into the store
   const int64_t nblk = (g.Og + kCoBlock - 1) / kCoBlock;
   const T* wg = A.wpack + grp * nblk * K * kCoBlock;
+  using S = Simd<T>;
   for (int64_t j0 = 0; j0 < cnt_pad; j0 += PM) {
-    vec iv[kNVec];
-    std::memcpy(&iv, inv + j0, sizeof(iv));
     const int64_t valid = std::min<int64_t>(PM, cnt - j0);
+    const T* __restrict__ cj = cols + j0;
     for (int64_t blk = 0; blk < nblk; ++blk) {
       const T* __restrict__ wb = wg + blk * K * kCoBlock;
       vec acc[kCoBlock][kNVec];
       for (int r = 0; r < kCoBlock; ++r)
-        for (int v = 0; v < kNVec; ++v) acc[r][v] = vec{} ;
+        for (int v = 0; v < kNVec; ++v) acc[r][v] = vec{};
       for (int64_t k = 0; k < K; ++k) {
         vec cv[kNVec];
-        std::memcpy(&cv, cols + k * ldc + j0, sizeof(cv));
+        for (int v = 0; v < kNVec; ++v) cv[v] = S::load(cj + k * ldc + v * L);
         const T* wk = wb + k * kCoBlock;
         for (int r = 0; r < kCoBlock; ++r) {
-          const vec wr = vec{} + wk[r];
+          const T wr = wk[r];  // scalar * vector: broadcast
           for (int v = 0; v < kNVec; ++v) acc[r][v] += wr * cv[v];
         }
       }
@@ -268,18 +280,15 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
       for (int r = 0; r < rows; ++r) {
         const int64_t co = grp * g.Og + co0 + r;
         const T bv = A.bias != nullptr ? A.bias[co] : T(0);
-        vec out[kNVec];
-        for (int v = 0; v < kNVec; ++v) out[v] = acc[r][v] * iv[v] + bv;
         T* dst = A.y + (n * g.Cout + co) * P + p0 + j0;
         if (valid == PM) {
-          std::memcpy(dst, &out, sizeof(out));
+          for (int v = 0; v < kNVec; ++v) S::store(dst + v * L, acc[r][v] * S::load(inv + j0 + v * L) + bv);
         } else {
           T tmp[PM];
-          std::memcpy(tmp, &out, sizeof(out));
+          for (int v = 0; v < kNVec; ++v) S::store(tmp + v * L, acc[r][v] * S::load(inv + j0 + v * L) + bv);
           for (int64_t e = 0; e < valid; ++e) dst[e] = tmp[e];
         }
       }
-      (void)L;
     }
   }
 }
