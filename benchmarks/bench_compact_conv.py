@@ -1,6 +1,7 @@
 """Benchmark of the fused compact_conv2d op against plain conv2d (the floor) and the naive composite.
 
     python benchmarks/bench_compact_conv.py [--quick] [--device cpu|cuda] [--json out.json]
+        [--threads N] [--cpu-time]
 
 ``run(quick)`` returns a list of records ``{name, shape, impl, reference, median_s, ratio}``; the
 lead's ``benchmarks/run.py`` imports this module and calls it. For every shape and for forward and
@@ -22,6 +23,8 @@ import json
 import os
 import statistics
 import sys
+import time
+import timeit
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +76,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+_TIMER = timeit.default_timer  # wall clock; --cpu-time switches to process CPU time
+
+
 def _time(fn, device, min_run_time):
     def call():
         fn()
         _sync(device)
 
-    t = Timer("call()", globals={"call": call})
+    t = Timer("call()", globals={"call": call}, timer=_TIMER)
     return t.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -160,7 +166,18 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the records to this file")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with process CPU time instead of wall clock (stable on a shared machine; "
+                         "meaningful with --threads 1 on CPU only)")
     args = ap.parse_args(argv)
+    global _TIMER
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        _TIMER = time.process_time
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'process CPU time' if args.cpu_time else 'wall clock'}")
     records = run(args.quick, args.device)
     _print_table(records)
     if args.json:

@@ -169,7 +169,11 @@ def main(argv=None):
         model = train(variant, xtr, ytr, args.epochs, args.batch, args.lr, args.seed,
                       lambda s: print(s, flush=True))
         acc = fgsm_accuracy(model, xte, yte)
-        results[variant.name] = {"accuracy": acc, "seconds": time.time() - t1}
+        alphas = {n: round(float(b.detach()), 3) for n, b in model.named_parameters() if n.endswith("alpha")}
+        alphas.update({n: round(float(b), 3) for n, b in model.named_buffers() if n.endswith("alpha")})
+        results[variant.name] = {"accuracy": acc, "seconds": time.time() - t1, "alpha": alphas}
+        if alphas:
+            print(f"  {variant.name:7s} alpha after training: {alphas}", flush=True)
         print(f"  {variant.name:7s} FGSM acc " + " ".join(f"eps={e}: {a:.2f}%" for e, a in zip(EPS, acc))
               + f"  ({time.time() - t1:.0f} s)", flush=True)
 

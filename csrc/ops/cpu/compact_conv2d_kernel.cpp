@@ -161,7 +161,7 @@ struct Simd {
   typedef T uvec __attribute__((vector_size(32), aligned(sizeof(T))));  // unaligned access
   static constexpr int kLanes = 32 / sizeof(T);
   static inline __attribute__((always_inline)) vec load(const T* p) { return *reinterpret_cast<const uvec*>(p); }
-  static inline __attribute__((always_inline)) void store(T* p, vec v) { *reinterpret_cast<uvec*>(p) = v; }
+  static inline __attribute__((always_inline)) void store(T* p, const vec& v) { *reinterpret_cast<uvec*>(p) = v; }
 };
 
 constexpr int kCoBlock = 6;  // output channels per micro-tile
