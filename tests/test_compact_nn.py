@@ -137,7 +137,7 @@ def test_compactify():
     assert new[0].groups == 2 and new[0].padding == (1, 1) and new[0].delta == 0.05
     torch.testing.assert_close(new[0].weight, model[0].weight)
     torch.testing.assert_close(new[4].bias, model[4].bias)
-    assert float(new[4].alpha) == 1.5
+    assert float(new[4].alpha.detach()) == 1.5
     x = torch.rand(2, 2, 5, 5)
     y = new[0](x)
     torch.testing.assert_close(y, conv_reference(x, model[0].weight, model[0].bias, 1, 1, 1, 2, 1.5, 0.05))
