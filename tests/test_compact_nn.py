@@ -202,7 +202,7 @@ def test_training_step_reduces_loss():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in v.model.parameters())
 
