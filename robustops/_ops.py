@@ -94,3 +94,251 @@ def fgsm_step(
         raise ValueError(f"need lo <= hi (not NaN), got lo={lo}, hi={hi}")
     eps_t = as_eps_tensor(eps)
     return torch.ops.robustops.fgsm_step(x, grad, eps_t, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# compact_conv2d / compact_linear (Ranjan et al. 2017, compact convolution; issue #4)
+# --------------------------------------------------------------------------------------------
+# Autograd saves (x, weight, bias, alpha, out) and calls the matching _..._backward op, which
+# returns (grad_x, grad_weight, grad_bias, grad_alpha); entries not asked for come back as empty
+# [0] tensors. Backward uses `out - bias` (= alpha * u / n) instead of recomputing the convolution,
+# so `out` must not be modified in place afterwards (autograd's version check raises if it is; use
+# nn.ReLU(inplace=False) right after a compact layer).
+IntPair = Union[int, Sequence[int]]
+AlphaLike = Union[float, int, torch.Tensor]
+
+__all__ += ["compact_conv2d", "compact_linear"]
+
+
+def _pair(v: IntPair, name: str, minimum: int) -> list:
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got bool")
+    if isinstance(v, int):
+        out = [v, v]
+    else:
+        try:
+            out = [int(e) for e in v]
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {type(v).__name__}") from None
+        if len(out) != 2:
+            raise ValueError(f"{name} must have 2 values, got {len(out)}")
+    if out[0] < minimum or out[1] < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(out)}")
+    return out
+
+
+def _conv_out(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@torch.library.register_fake("robustops::compact_conv2d")
+def _compact_conv2d_fake(x, weight, bias, stride, padding, dilation, groups, alpha, delta):
+    torch._check(x.dim() == 4, lambda: "compact_conv2d: x must be 4-D")
+    torch._check(weight.dim() == 4, lambda: "compact_conv2d: weight must be 4-D")
+    torch._check(x.shape[1] == weight.shape[1] * groups, lambda: "compact_conv2d: channel mismatch")
+    ho = _conv_out(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = _conv_out(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+
+
+def _masked_grads_fake(x, weight, bias, alpha, mask):
+    return (
+        x.new_empty(x.shape) if mask[0] else x.new_empty((0,)),
+        weight.new_empty(weight.shape) if mask[1] else x.new_empty((0,)),
+        x.new_empty((weight.shape[0],)) if (mask[2] and bias is not None) else x.new_empty((0,)),
+        alpha.new_empty(alpha.shape) if mask[3] else x.new_empty((0,)),
+    )
+
+
+@torch.library.register_fake("robustops::_compact_conv2d_backward")
+def _compact_conv2d_backward_fake(
+    grad_out, x, weight, bias, out, stride, padding, dilation, groups, alpha, delta, output_mask
+):
+    return _masked_grads_fake(x, weight, bias, alpha, output_mask)
+
+
+def _compact_conv2d_setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, alpha, delta = inputs
+    ctx.save_for_backward(x, weight, bias, alpha, output)
+    ctx.conv_args = (stride, padding, dilation, groups, delta)
+
+
+def _compact_conv2d_backward(ctx, grad_out):
+    x, weight, bias, alpha, out = ctx.saved_tensors
+    stride, padding, dilation, groups, delta = ctx.conv_args
+    nig = ctx.needs_input_grad
+    mask = [nig[0], nig[1], nig[2] and bias is not None, nig[7]]
+    gx, gw, gb, ga = torch.ops.robustops._compact_conv2d_backward(
+        grad_out.contiguous(), x, weight, bias, out, stride, padding, dilation, groups, alpha, delta, mask
+    )
+    return (
+        gx if mask[0] else None,
+        gw if mask[1] else None,
+        gb if mask[2] else None,
+        None,
+        None,
+        None,
+        None,
+        ga if mask[3] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "robustops::compact_conv2d", _compact_conv2d_backward, setup_context=_compact_conv2d_setup_context
+)
+
+
+@torch.library.register_fake("robustops::compact_linear")
+def _compact_linear_fake(x, weight, bias, alpha, delta):
+    torch._check(weight.dim() == 2, lambda: "compact_linear: weight must be 2-D")
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "compact_linear: in_features mismatch")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("robustops::_compact_linear_backward")
+def _compact_linear_backward_fake(grad_out, x, weight, bias, out, alpha, delta, output_mask):
+    return _masked_grads_fake(x, weight, bias, alpha, output_mask)
+
+
+def _compact_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, alpha, delta = inputs
+    ctx.save_for_backward(x, weight, bias, alpha, output)
+    ctx.delta = delta
+
+
+def _compact_linear_backward(ctx, grad_out):
+    x, weight, bias, alpha, out = ctx.saved_tensors
+    nig = ctx.needs_input_grad
+    mask = [nig[0], nig[1], nig[2] and bias is not None, nig[3]]
+    gx, gw, gb, ga = torch.ops.robustops._compact_linear_backward(
+        grad_out.contiguous(), x, weight, bias, out, alpha, ctx.delta, mask
+    )
+    return (
+        gx if mask[0] else None,
+        gw if mask[1] else None,
+        gb if mask[2] else None,
+        ga if mask[3] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "robustops::compact_linear", _compact_linear_backward, setup_context=_compact_linear_setup_context
+)
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _alpha_tensor(alpha: AlphaLike, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(alpha, torch.Tensor):
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must be a scalar (one element), got shape {tuple(alpha.shape)}")
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha must be a floating-point tensor, got dtype {alpha.dtype}")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number or a one-element tensor, got {type(alpha).__name__}")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha}")
+    return torch.tensor(float(alpha), dtype=like.dtype, device=like.device)
+
+
+def _check_delta(delta: float) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+        raise TypeError(f"delta must be a number, got {type(delta).__name__}")
+    delta = float(delta)
+    if not math.isfinite(delta) or delta < 0:
+        raise ValueError(f"delta must be finite and >= 0, got {delta}")
+    return delta
+
+
+def compact_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    alpha: AlphaLike = 1.0,
+    delta: float = 0.01,
+) -> torch.Tensor:
+    """Compact convolution (Ranjan et al. 2017, eq. 6):
+    ``alpha * conv2d(x, weight) / (||patch||_2 + delta) + bias``.
+
+    Each ``kh x kw x (C/groups)`` input patch the kernel sees is L2-normalised (with ``delta``) and
+    scaled by ``alpha`` before the kernel is applied. The norm uses the convolution's stride,
+    zero padding and dilation; with ``groups > 1`` it is taken per group (over that group's input
+    channels) and shared by the group's output channels. Differentiable in ``x``, ``weight``,
+    ``bias`` and ``alpha``. The gradient of the norm is taken as 0 at all-zero patches.
+
+    Args:
+        x: ``[N, C, H, W]`` or unbatched ``[C, H, W]``; float32/float64 (CUDA: also half/bfloat16).
+        weight: ``[Cout, C/groups, kh, kw]``. bias: ``[Cout]`` or None.
+        stride, padding, dilation: int or pair (zero padding). groups: int >= 1.
+        alpha: number or one-element tensor (e.g. a learnable parameter); must be finite.
+        delta: finite, >= 0 (0.01 in the paper).
+    """
+    _check_tensor(x, "x")
+    _check_tensor(weight, "weight")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    dilation = _pair(dilation, "dilation", 1)
+    delta = _check_delta(delta)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [Cout, C/groups, kh, kw], got shape {tuple(weight.shape)}")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, C, H, W] or 3-D [C, H, W], got shape {tuple(x.shape)}")
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"x has {x.shape[1]} channels but weight {tuple(weight.shape)} with groups={groups} "
+            f"expects {weight.shape[1] * groups}"
+        )
+    if weight.shape[0] % groups != 0:
+        raise ValueError(f"out channels ({weight.shape[0]}) must be divisible by groups ({groups})")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    alpha_t = _alpha_tensor(alpha, x)
+    y = torch.ops.robustops.compact_conv2d(x, weight, bias, stride, padding, dilation, groups, alpha_t, delta)
+    return y.squeeze(0) if unbatched else y
+
+
+def compact_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    alpha: AlphaLike = 1.0,
+    delta: float = 0.01,
+) -> torch.Tensor:
+    """Compact fully-connected layer: ``alpha * x @ weight.T / (||x||_2 + delta) + bias``.
+
+    ``x`` is ``[..., in_features]`` (the norm is over the last dimension), ``weight`` is
+    ``[out_features, in_features]``. Differentiable in ``x``, ``weight``, ``bias`` and ``alpha``;
+    the gradient of the norm is taken as 0 for an all-zero feature vector.
+    """
+    _check_tensor(x, "x")
+    _check_tensor(weight, "weight")
+    if bias is not None:
+        _check_tensor(bias, "bias")
+    delta = _check_delta(delta)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x must have in_features={weight.shape[1]} in its last dimension, got shape {tuple(x.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    alpha_t = _alpha_tensor(alpha, x)
+    return torch.ops.robustops.compact_linear(x, weight, bias, alpha_t, delta)
