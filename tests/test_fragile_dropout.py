@@ -16,6 +16,17 @@ from robustops.fragile import (EmptyDatasetError, LayerNotFoundError, MemoryBudg
 from robustops.models import papernot_mnist, resnet18
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small problems: one intra-op thread is faster and avoids OpenMP oversubscription on
+    shared CI machines. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _checksum(model):
     return [(n, p.detach().clone()) for n, p in model.state_dict().items()]
 

@@ -8,6 +8,17 @@ import robustops  # noqa: F401
 from robustops.ops import kernel_dropout_eval
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small problems: one intra-op thread is faster and avoids OpenMP oversubscription on
+    shared CI machines. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def reference(base, delta, w, chs, stride=1, padding=0, dilation=1, scale=None, shift=None, relu=False,
               pool_kernel=0, pool_stride=None):
     outs = []
