@@ -7,7 +7,7 @@ whose Spearman correlation with the exact accuracy drop is reported in the impl 
 
 Models: Papernot's MNIST net (conv1: 32 kernels) on 1,000 28x28 images, briefly trained on
 Fashion-MNIST when the data is installed (random weights otherwise; speed does not depend on
-it); ResNet-18 with the MNIST stem (conv1: 64 kernels, width 1) on fewer images (64, quick: 16)
+it); ResNet-18 with the MNIST stem (conv1: 64 kernels, width 1) on fewer images (16, quick: 8)
 because the naive loop costs 64 full ResNet-18 evaluations.
 """
 from __future__ import annotations
@@ -54,30 +54,31 @@ def run(quick: bool = False) -> list:
 
     ref_s = median_seconds(lambda: kernel_dropout_naive(model, "conv1", (x, y), batch_size=256), t)
     records.append(compare("kernel_dropout", shape, "kernel_dropout (fused op)",
-                           lambda: kernel_dropout(model, "conv1", (x, y), batch_size=1000),
+                           lambda: kernel_dropout(model, "conv1", (x, y)),
                            "naive loop (copy, zero, eval bs=256)", None, t, reference_median_s=ref_s))
-    records.append(compare("kernel_dropout", shape, "kernel_dropout (masked, pure torch)",
-                           lambda: kernel_dropout(model, "conv1", (x, y), batch_size=1000, fused=False),
-                           "naive loop (copy, zero, eval bs=256)", None, t, reference_median_s=ref_s))
-    exact = kernel_dropout(model, "conv1", (x, y), batch_size=1000)
+    if not quick:
+        records.append(compare("kernel_dropout", shape, "kernel_dropout (masked, pure torch)",
+                               lambda: kernel_dropout(model, "conv1", (x, y), fused=False),
+                               "naive loop (copy, zero, eval bs=256)", None, t, reference_median_s=ref_s))
+    exact = kernel_dropout(model, "conv1", (x, y))
     tay = taylor_importance(model, "conv1", (x, y))
     rho = spearman(tay, exact.accuracy_drop)
     records.append(compare("kernel_dropout", shape, f"taylor screen (spearman={rho:.2f})",
                            lambda: taylor_importance(model, "conv1", (x, y)),
                            "naive loop (copy, zero, eval bs=256)", None, t, reference_median_s=ref_s))
-    exact_s = median_seconds(lambda: kernel_dropout(model, "conv1", (x, y), batch_size=1000), t)
+    exact_s = median_seconds(lambda: kernel_dropout(model, "conv1", (x, y)), t)
     records.append(compare("kernel_dropout", shape, f"taylor screen (spearman={rho:.2f})",
                            lambda: taylor_importance(model, "conv1", (x, y)),
                            "batched exact kernel_dropout", None, t, reference_median_s=exact_s))
 
-    nr = 16 if quick else 64
+    nr = 8 if quick else 16
     torch.manual_seed(0)
     rmodel = resnet18(stem="mnist").eval()
     xr, yr = x[:nr], y[:nr]
     rshape = f"cpu:resnet18 conv1 C=64 N={nr}"
     rref = median_seconds(lambda: kernel_dropout_naive(rmodel, "conv1", (xr, yr), batch_size=256), 0.1)
     records.append(compare("kernel_dropout", rshape, "kernel_dropout (fused op)",
-                           lambda: kernel_dropout(rmodel, "conv1", (xr, yr), batch_size=256),
+                           lambda: kernel_dropout(rmodel, "conv1", (xr, yr)),
                            "naive loop (copy, zero, eval bs=256)", None, 0.1, reference_median_s=rref))
     return records
 

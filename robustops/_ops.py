@@ -124,7 +124,8 @@ def _kernel_dropout_eval_fake(base, delta, weight, channels, stride, padding, di
                  lambda: "kernel_dropout_eval: base, delta and weight must be 4-D")
     torch._check(channels.dim() == 1, lambda: "kernel_dropout_eval: channels must be 1-D")
     hp, wp = _kernel_dropout_out_hw(base.shape[2], base.shape[3], pool_kernel, pool_stride)
-    return base.new_empty((channels.shape[0], base.shape[0], base.shape[1], hp, wp))
+    # channels-last per variant, like the real kernels
+    return base.new_empty((channels.shape[0], base.shape[0], hp, wp, base.shape[1])).permute(0, 1, 4, 2, 3)
 
 
 def kernel_dropout_eval(
@@ -159,7 +160,9 @@ def kernel_dropout_eval(
         pool_stride: defaults to ``pool_kernel``.
 
     Returns:
-        ``[V, N, Cout, Hp, Wp]``. Not differentiable.
+        ``[V, N, Cout, Hp, Wp]``, stored channels-last per variant (memory order
+        ``[V, N, Hp, Wp, Cout]``), so ``out.reshape(V * N, Cout, Hp, Wp)`` is a ``channels_last``
+        view. Not differentiable.
     """
     for name, t in (("base", base), ("delta", delta), ("weight", weight), ("channels", channels)):
         if not isinstance(t, torch.Tensor):

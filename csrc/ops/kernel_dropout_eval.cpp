@@ -14,7 +14,7 @@
 //   delta   [N, Cin, H, W]      per-channel input change caused by each ablation
 //   weight  [Cout, Cin, kh, kw] the consumer's weight
 //   channels int64 [V]          which input channels (variants) to produce, values in [0, Cin)
-//   returns [V, N, Cout, Hp, Wp]
+//   returns [V, N, Cout, Hp, Wp], laid out channels-last per variant (memory [V, N, Hp, Wp, Cout])
 //
 // The single-input-channel contribution costs 1/Cin of the full convolution, and the subtract,
 // affine, ReLU and pooling are fused into the same pass, so only the pooled result is written.

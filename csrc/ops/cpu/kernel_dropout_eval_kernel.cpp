@@ -1,10 +1,10 @@
 // CPU kernel of kernel_dropout_eval (see ../kernel_dropout_eval.cpp for the formula).
 //
-// One task per (variant v, example n): the input plane delta[n, c_v] (H x W) stays in L1 while,
-// for every output channel o, the single-channel contribution is accumulated into a small
-// Ho x Wo buffer (kh*kw shifted multiply-adds over contiguous rows, which the compiler
-// vectorises for stride 1), then subtracted from base[n, o], passed through the optional affine
-// and ReLU, max-pooled and written. Only the (pooled) result ever reaches memory.
+// Parallel over examples n. For each n, base[n] is transposed once so the output channel is
+// innermost; for each variant v the input plane delta[n, c_v] is copied into a zero-padded
+// buffer (L1), and every output position costs kh*kw broadcast multiply-adds over a vector of
+// all Cout output channels, fused with "base - contribution -> affine -> ReLU -> max-pool". Only
+// the pooled result reaches memory, channels-last (contiguous over the output channels). An AVX2+FMA build of the task is picked at run time on x86.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,90 +20,154 @@
 namespace robustops {
 namespace {
 
+// Everything one task (one example n, all requested variants) needs.
 template <typename scalar_t>
-void kernel_dropout_eval_loop(const KernelDropoutGeometry& g, const scalar_t* __restrict__ base,
-                              const scalar_t* __restrict__ delta, const scalar_t* __restrict__ weight,
-                              const int64_t* channels, int64_t V, const scalar_t* scale, const scalar_t* shift,
-                              bool relu, scalar_t* __restrict__ out) {
-  const int64_t plane_in = g.H * g.W;
+struct TaskArgs {
+  const KernelDropoutGeometry* g;
+  const scalar_t* base;     // [N, Cout, Ho, Wo]
+  const scalar_t* delta;    // [N, Cin, H, W]
+  const scalar_t* wT;       // [V, kh*kw, Cout]: weight[:, c_v] with the output channel innermost
+  const int64_t* channels;  // [V]
+  const int64_t* tap;       // [kh*kw] offsets of the taps in the padded plane
+  int64_t V;
+  const scalar_t* scale;
+  const scalar_t* shift;
+  bool relu;
+  scalar_t* out;            // [V, N, Cout, Hp, Wp]
+  scalar_t* bT;             // scratch [Ho*Wo, Cout]: base[n] with the output channel innermost
+  scalar_t* padded;         // scratch [(H+2ph) * (W+2pw)], zero borders
+  scalar_t* m;              // scratch [Cout]
+  scalar_t* acc;            // scratch [Cout]
+};
+
+// One example n: base[n] is transposed once to [position, o]; then, for every variant v and
+// output position, the kh*kw input values are loaded once and the contribution of all Cout
+// output channels is a vector loop over o (kh*kw broadcast multiply-adds), followed by the
+// subtraction from base, affine, ReLU and the running max of the pooling window.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void kernel_dropout_task(const TaskArgs<scalar_t>& t, int64_t n) {
+  const KernelDropoutGeometry& g = *t.g;
+  const int64_t Cout = g.Cout;
   const int64_t plane_mid = g.Ho * g.Wo;
   const int64_t plane_out = g.Hp * g.Wp;
   const int64_t ksize = g.kh * g.kw;
-  // Valid output columns [j_lo, j_hi) for each kernel column kw: 0 <= j*sw - pw + kw*dw < W.
-  std::vector<int64_t> j_lo(g.kw), j_hi(g.kw);
-  for (int64_t b = 0; b < g.kw; ++b) {
-    const int64_t off = b * g.dw - g.pw;
-    int64_t lo = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
-    int64_t hi = (g.W - 1 - off) >= 0 ? (g.W - 1 - off) / g.sw + 1 : 0;
-    j_lo[b] = std::min(lo, g.Wo);
-    j_hi[b] = std::max(j_lo[b], std::min(hi, g.Wo));
+  const int64_t PW = g.W + 2 * g.pw;
+  const scalar_t* bn = t.base + n * Cout * plane_mid;
+  for (int64_t o = 0; o < Cout; ++o)
+    for (int64_t k = 0; k < plane_mid; ++k) t.bT[k * Cout + o] = bn[o * plane_mid + k];
+  const scalar_t* __restrict__ scale = t.scale;  // ones / zeros when the op has no affine step
+  const scalar_t* __restrict__ shift = t.shift;
+  scalar_t* __restrict__ acc = t.acc;
+  const bool relu = t.relu;
+  for (int64_t v = 0; v < t.V; ++v) {
+    const int64_t c = t.channels[v];
+    const scalar_t* in = t.delta + (n * g.Cin + c) * g.H * g.W;
+    for (int64_t r = 0; r < g.H; ++r)
+      std::copy(in + r * g.W, in + (r + 1) * g.W, t.padded + (r + g.ph) * PW + g.pw);
+    const scalar_t* __restrict__ wv = t.wT + v * ksize * Cout;
+    scalar_t* dst = t.out + (v * g.N + n) * Cout * plane_out;  // [Hp, Wp, Cout] block (channels-last)
+    scalar_t xs[64];
+    for (int64_t pi = 0; pi < g.Hp; ++pi) {
+      for (int64_t pj = 0; pj < g.Wp; ++pj) {
+        for (int64_t a = 0; a < g.pkh; ++a) {
+          for (int64_t b = 0; b < g.pkw; ++b) {
+            const int64_t i = pi * g.psh + a, j = pj * g.psw + b;
+            const scalar_t* p0 = t.padded + i * g.sh * PW + j * g.sw;
+            for (int64_t k = 0; k < ksize; ++k) xs[k] = p0[t.tap[k]];
+            const scalar_t* __restrict__ brow = t.bT + (i * g.Wo + j) * Cout;
+            // acc[o] = sum_k w[k, o] * x_k: contiguous multiply-adds over o, one pass per tap.
+            {
+              const scalar_t x0 = xs[0];
+#pragma omp simd
+              for (int64_t o = 0; o < Cout; ++o) acc[o] = wv[o] * x0;
+            }
+            for (int64_t k = 1; k < ksize; ++k) {
+              const scalar_t xk = xs[k];
+              const scalar_t* __restrict__ wk = wv + k * Cout;
+#pragma omp simd
+              for (int64_t o = 0; o < Cout; ++o) acc[o] += wk[o] * xk;
+            }
+            // y = affine(base - acc), ReLU, running max over the pooling window.
+            scalar_t* __restrict__ m = dst + (pi * g.Wp + pj) * Cout;  // running max, written in place
+            if (a == 0 && b == 0) {
+#pragma omp simd
+              for (int64_t o = 0; o < Cout; ++o) {
+                scalar_t y = (brow[o] - acc[o]) * scale[o] + shift[o];
+                if (relu) y = y < scalar_t(0) ? scalar_t(0) : y;  // NaN stays NaN, like torch.relu
+                m[o] = y;
+              }
+            } else {
+#pragma omp simd
+              for (int64_t o = 0; o < Cout; ++o) {
+                scalar_t y = (brow[o] - acc[o]) * scale[o] + shift[o];
+                if (relu) y = y < scalar_t(0) ? scalar_t(0) : y;
+                m[o] = (y > m[o] || y != y) ? y : m[o];  // max_pool2d propagates NaN
+              }
+            }
+          }
+        }
+      }
+    }
   }
-  at::parallel_for(0, V * g.N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> buf(plane_mid);
-    std::vector<scalar_t> wc(g.Cout * ksize);
-    int64_t last_c = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t v = task / g.N;
-      const int64_t n = task % g.N;
-      const int64_t c = channels[v];
-      if (c != last_c) {  // gather weight[:, c] once per run of tasks on the same channel
-        for (int64_t o = 0; o < g.Cout; ++o)
-          for (int64_t k = 0; k < ksize; ++k) wc[o * ksize + k] = weight[(o * g.Cin + c) * ksize + k];
-        last_c = c;
+}
+
+template <typename scalar_t>
+void kernel_dropout_task_generic(const TaskArgs<scalar_t>& t, int64_t n) {
+  kernel_dropout_task<scalar_t>(t, n);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ROBUSTOPS_KD_AVX2 1
+// The same code compiled for AVX2 + FMA, chosen at run time: the wheel stays baseline x86-64.
+__attribute__((target("avx2,fma"))) void kernel_dropout_task_avx2(const TaskArgs<float>& t, int64_t n) {
+  kernel_dropout_task<float>(t, n);
+}
+__attribute__((target("avx2,fma"))) void kernel_dropout_task_avx2(const TaskArgs<double>& t, int64_t n) {
+  kernel_dropout_task<double>(t, n);
+}
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+template <typename scalar_t>
+void kernel_dropout_eval_loop(const KernelDropoutGeometry& g, const scalar_t* base, const scalar_t* delta,
+                              const scalar_t* weight, const int64_t* channels, int64_t V, const scalar_t* scale,
+                              const scalar_t* shift, bool relu, scalar_t* out) {
+  const int64_t ksize = g.kh * g.kw;
+  TORCH_CHECK(ksize <= 64, "kernel_dropout_eval (CPU): kernels with more than 64 taps are not supported, got ",
+              g.kh, "x", g.kw);
+  const int64_t PH = g.H + 2 * g.ph, PW = g.W + 2 * g.pw;
+  std::vector<int64_t> tap(ksize);
+  for (int64_t a = 0; a < g.kh; ++a)
+    for (int64_t b = 0; b < g.kw; ++b) tap[a * g.kw + b] = a * g.dh * PW + b * g.dw;
+  std::vector<scalar_t> wT(V * ksize * g.Cout);
+  for (int64_t v = 0; v < V; ++v)
+    for (int64_t k = 0; k < ksize; ++k)
+      for (int64_t o = 0; o < g.Cout; ++o)
+        wT[(v * ksize + k) * g.Cout + o] = weight[(o * g.Cin + channels[v]) * ksize + k];
+  // Without an affine step use scale 1, shift 0: y * 1 + 0 == y exactly, and no branch in the loop.
+  std::vector<scalar_t> sc(g.Cout, scalar_t(1)), sf(g.Cout, scalar_t(0));
+  if (scale) {
+    std::copy(scale, scale + g.Cout, sc.begin());
+    std::copy(shift, shift + g.Cout, sf.begin());
+  }
+#ifdef ROBUSTOPS_KD_AVX2
+  const bool avx2 = cpu_has_avx2();
+#endif
+  at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> bT(g.Ho * g.Wo * g.Cout), padded(PH * PW, scalar_t(0)), m(g.Cout), acc(g.Cout);
+    TaskArgs<scalar_t> t{&g, base, delta, wT.data(), channels, tap.data(), V, sc.data(), sf.data(), relu, out,
+                         bT.data(), padded.data(), m.data(), acc.data()};
+    for (int64_t n = begin; n < end; ++n) {
+#ifdef ROBUSTOPS_KD_AVX2
+      if (avx2) {
+        kernel_dropout_task_avx2(t, n);
+        continue;
       }
-      const scalar_t* in = delta + (n * g.Cin + c) * plane_in;
-      scalar_t* dst = out + task * g.Cout * plane_out;
-      for (int64_t o = 0; o < g.Cout; ++o) {
-        std::fill(buf.begin(), buf.end(), scalar_t(0));
-        const scalar_t* wo = wc.data() + o * ksize;
-        for (int64_t a = 0; a < g.kh; ++a) {
-          for (int64_t b = 0; b < g.kw; ++b) {
-            const scalar_t wv = wo[a * g.kw + b];
-            const int64_t lo = j_lo[b], hi = j_hi[b];
-            const int64_t col0 = b * g.dw - g.pw;
-            for (int64_t i = 0; i < g.Ho; ++i) {
-              const int64_t ii = i * g.sh - g.ph + a * g.dh;
-              if (ii < 0 || ii >= g.H) continue;
-              const scalar_t* row = in + ii * g.W + col0;
-              scalar_t* brow = buf.data() + i * g.Wo;
-              if (g.sw == 1) {
-                for (int64_t j = lo; j < hi; ++j) brow[j] += wv * row[j];
-              } else {
-                for (int64_t j = lo; j < hi; ++j) brow[j] += wv * row[j * g.sw];
-              }
-            }
-          }
-        }
-        const scalar_t* bp = base + (n * g.Cout + o) * plane_mid;
-        const scalar_t sc = scale ? scale[o] : scalar_t(1);
-        const scalar_t sf = shift ? shift[o] : scalar_t(0);
-        scalar_t* op = dst + o * plane_out;
-        if (!g.pool) {
-          for (int64_t k = 0; k < plane_mid; ++k) {
-            scalar_t y = bp[k] - buf[k];
-            if (scale) y = y * sc + sf;
-            if (relu) y = y > scalar_t(0) ? y : (std::isnan(y) ? y : scalar_t(0));
-            op[k] = y;
-          }
-        } else {
-          for (int64_t pi = 0; pi < g.Hp; ++pi) {
-            for (int64_t pj = 0; pj < g.Wp; ++pj) {
-              scalar_t m = -std::numeric_limits<scalar_t>::infinity();
-              for (int64_t a = 0; a < g.pkh; ++a) {
-                const int64_t i = pi * g.psh + a;
-                for (int64_t b = 0; b < g.pkw; ++b) {
-                  const int64_t k = i * g.Wo + pj * g.psw + b;
-                  scalar_t y = bp[k] - buf[k];
-                  if (scale) y = y * sc + sf;
-                  if (relu) y = y > scalar_t(0) ? y : (std::isnan(y) ? y : scalar_t(0));
-                  if (y > m || std::isnan(y)) m = y;  // max_pool2d propagates NaN
-                }
-              }
-              op[pi * g.Wp + pj] = m;
-            }
-          }
-        }
-      }
+#endif
+      kernel_dropout_task_generic<scalar_t>(t, n);
     }
   });
 }
@@ -124,7 +188,9 @@ at::Tensor kernel_dropout_eval_cpu(const at::Tensor& base, const at::Tensor& del
     TORCH_CHECK(cp[v] >= 0 && cp[v] < g.Cin, "kernel_dropout_eval: channels[", v, "]=", cp[v],
                 " out of range [0, ", g.Cin, ")");
   }
-  at::Tensor out = at::empty({V, g.N, g.Cout, g.Hp, g.Wp}, base.options().memory_format(at::MemoryFormat::Contiguous));
+  // Channels-last per variant: memory [V, N, Hp, Wp, Cout], returned as a [V, N, Cout, Hp, Wp] view,
+  // so reshape(V*N, Cout, Hp, Wp) is a channels_last tensor (faster for the convolutions after it).
+  at::Tensor out = at::empty({V, g.N, g.Hp, g.Wp, g.Cout}, base.options()).permute({0, 1, 4, 2, 3});
   if (out.numel() == 0) return out;
   const at::Tensor bc = base.contiguous(), dc = delta.contiguous(), wc = weight.contiguous();
   at::Tensor sc, sf;

@@ -1,6 +1,6 @@
 // CUDA kernel of kernel_dropout_eval (see ../kernel_dropout_eval.cpp for the formula).
 //
-// One thread per output element (v, n, o, pooled position): it evaluates the single-channel
+// One thread per output element (v, n, pooled position, o; o fastest, so stores coalesce): it evaluates the single-channel
 // contribution at each position of its pooling window (kh*kw multiply-adds from delta[n, c_v]),
 // subtracts it from base, applies the optional affine and ReLU, and keeps the maximum. Only the
 // pooled result is written. Arithmetic in the op-math type (float for half/bfloat16).
@@ -24,13 +24,13 @@ __global__ void kernel_dropout_eval_kernel(KernelDropoutGeometry g, const scalar
                                            bool relu, scalar_t* __restrict__ out, int64_t total) {
   const int64_t step = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += step) {
-    int64_t r = idx;
+    int64_t r = idx;  // output memory is [V, N, Hp, Wp, Cout] (channels-last per variant)
+    const int64_t o = r % g.Cout;
+    r /= g.Cout;
     const int64_t pj = r % g.Wp;
     r /= g.Wp;
     const int64_t pi = r % g.Hp;
     r /= g.Hp;
-    const int64_t o = r % g.Cout;
-    r /= g.Cout;
     const int64_t n = r % g.N;
     const int64_t v = r / g.N;
     const int64_t c = channels[v];
@@ -80,7 +80,8 @@ at::Tensor kernel_dropout_eval_cuda(const at::Tensor& base, const at::Tensor& de
     TORCH_CHECK(cp[v] >= 0 && cp[v] < g.Cin, "kernel_dropout_eval: channels[", v, "]=", cp[v],
                 " out of range [0, ", g.Cin, ")");
   }
-  at::Tensor out = at::empty({V, g.N, g.Cout, g.Hp, g.Wp}, base.options().memory_format(at::MemoryFormat::Contiguous));
+  // Channels-last per variant, as on the CPU: memory [V, N, Hp, Wp, Cout], viewed as [V, N, Cout, Hp, Wp].
+  at::Tensor out = at::empty({V, g.N, g.Hp, g.Wp, g.Cout}, base.options()).permute({0, 1, 4, 2, 3});
   const int64_t total = out.numel();
   if (total == 0) return out;
   const at::Tensor ch = ch_host.to(base.device());
