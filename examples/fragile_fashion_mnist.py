@@ -125,9 +125,10 @@ def main(argv=None):
         model = papernot_mnist() if name == "papernot" else resnet18(stem="mnist", width=0.25)
         results[name] = study(name, model, xtr, ytr, xte, yte, xho, yho, args, args.out)
     results["total_seconds"] = time.perf_counter() - t0
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    path = os.path.join(args.out, f"results_{'_'.join(args.models)}.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"total {results['total_seconds']:.0f} s; wrote {args.out}/results.json")
+    print(f"total {results['total_seconds']:.0f} s; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,8 @@ def test_taylor(mnist_setup):
     torch.testing.assert_close(res.taylor, t)
     assert -1.0 <= res.taylor_spearman <= 1.0
     assert model.conv1.weight.grad is None
+    tp = taylor_importance(model, "conv1", (x, y), per_example=True)
+    assert tp.shape == (32,) and (tp >= t - 1e-12).all()  # |mean| <= mean |.|
 
 
 def test_bad_input(mnist_setup):

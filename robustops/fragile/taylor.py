@@ -19,11 +19,14 @@ from .errors import EmptyDatasetError
 __all__ = ["taylor_importance"]
 
 
-def taylor_importance(model: nn.Module, layer: Optional[LayerLike], data, *, batch_size: int = 256) -> torch.Tensor:
+def taylor_importance(model: nn.Module, layer: Optional[LayerLike], data, *, batch_size: int = 256,
+                      per_example: bool = False) -> torch.Tensor:
     """``Tensor[C]``: ``|mean(a * dL/da)|`` per output channel of conv ``layer``.
 
     ``L`` is the summed cross-entropy (so ``dL/da`` is per example), the mean runs over examples
-    and spatial positions. The model is not modified (parameters get no ``.grad``).
+    and spatial positions. With ``per_example=True`` the absolute value is taken per example
+    (mean over positions) and then averaged over examples (Molchanov et al. 2017's form), so
+    opposite-signed examples do not cancel. The model is not modified (parameters get no ``.grad``).
     """
     batch_size = check_batch_size(batch_size)
     name, conv = resolve_layer(model, layer)
@@ -49,10 +52,15 @@ def taylor_importance(model: nn.Module, layer: Optional[LayerLike], data, *, bat
                     loss = F.cross_entropy(logits, y, reduction="sum")
                     (g,) = torch.autograd.grad(loss, box["a"])
                 a = box.pop("a").detach()
-                total += (a * g).double().sum(dim=(0, 2, 3))
-                count += a.shape[0] * a.shape[2] * a.shape[3]
+                prod = (a * g).double()
+                if per_example:
+                    total += prod.mean(dim=(2, 3)).abs().sum(0)
+                    count += a.shape[0]
+                else:
+                    total += prod.sum(dim=(0, 2, 3))
+                    count += a.shape[0] * a.shape[2] * a.shape[3]
         finally:
             handle.remove()
     if count == 0:
         raise EmptyDatasetError("data yielded no examples")
-    return (total / count).abs().cpu()
+    return (total / count).abs().cpu()  # (already >= 0 per example when per_example)
