@@ -44,11 +44,11 @@ def run(quick: bool = False) -> list:
     records = []
     t = 0.2 if quick else 1.0
     n = 1000
-    x, y, xt, yt, source = _data(n, train_n=0 if quick else 3000)
+    x, y, xt, yt, source = _data(n, train_n=1000 if quick else 3000)
     torch.manual_seed(0)
     model = papernot_mnist().eval()
     if xt is not None:
-        train(model, (xt, yt), epochs=1, seed=0, batch_size=64)
+        train(model, (xt, yt), epochs=1, seed=0, batch_size=64, optimizer="adam")
         model.eval()
     shape = f"cpu:papernot conv1 C=32 N={n} ({source})"
 
