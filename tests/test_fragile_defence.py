@@ -180,3 +180,18 @@ def test_search_noise_level_rule(setup):
     ok = [row for row in r.table if row["clean_accuracy"] >= r.baseline_clean_accuracy]
     if ok:
         assert r.adversarial_accuracy == max(row["adversarial_accuracy"] for row in ok)
+
+
+def test_plots_write_pngs(setup, tmp_path):
+    pytest.importorskip("matplotlib")
+    from robustops.fragile.plots import plot_kernel_performance, plot_targeting
+
+    model, x, y = setup
+    res = kernel_dropout(model, "conv1", (x, y))
+    p1 = plot_kernel_performance(res, tmp_path / "fig1.png")
+    split = fragile_split(res)
+    t = adversarial_targeting(model, "conv1", (x, y), [0.01, 0.1], split)
+    p2 = plot_targeting({"original": t}, tmp_path / "fig2.png")
+    for p in (p1, p2):
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
