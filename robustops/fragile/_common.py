@@ -1,7 +1,6 @@
 """Shared helpers of robustops.fragile: layer lookup, data batching, layer-output capture."""
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, List, Sequence, Tuple, Union
 
 import torch
@@ -123,9 +122,3 @@ def check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     return batch_size
-
-
-@contextlib.contextmanager
-def no_grad_mode() -> Iterator[None]:
-    with torch.no_grad():
-        yield

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -575,14 +574,6 @@ def _accumulate(evaluator: _Evaluator, batches, C: int, device):
         raise EmptyDatasetError("data yielded no examples")
     return (correct.double() / seen).cpu(), (loss / seen).cpu(), base_correct.item() / seen, \
         base_loss.item() / seen, seen
-
-
-def _adversarial_batches(model, batches, eps: float):
-    for x, y in batches:
-        if x.shape[0] == 0:
-            continue
-        grad, _ = input_gradient(model, x, y)
-        yield _ops.fgsm_step(x, grad, [eps])[0], y
 
 
 def kernel_dropout(

@@ -36,8 +36,6 @@ def plot_kernel_performance(result: KernelDropoutResult, path: Union[str, os.Pat
     plt = _pyplot()
     split = split if split is not None else fragile_split(result, metric=metric)
     scores = getattr(result, metric).double()
-    if metric == "clean_loss":
-        scores = scores
     fig, ax = plt.subplots(figsize=(8, 3.5))
     idx = torch.arange(scores.numel())
     ax.scatter(idx[split.fragile], scores[split.fragile], marker="o", facecolors="none", edgecolors="tab:blue",
