@@ -342,3 +342,86 @@ def compact_linear(
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     alpha_t = _alpha_tensor(alpha, x)
     return torch.ops.robustops.compact_linear(x, weight, bias, alpha_t, delta)
+
+
+# --------------------------------------------------------------------------------------------
+# kernel_dropout_eval  (robustops.fragile: batched one-kernel-at-a-time ablation)
+# --------------------------------------------------------------------------------------------
+def _pair(value, name: str):
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got bool")
+    if isinstance(value, int):
+        return [int(value), int(value)]
+    try:
+        a, b = value
+        return [int(a), int(b)]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+
+
+def _kernel_dropout_out_hw(ho, wo, pool_kernel, pool_stride):
+    if pool_kernel[0] > 0 or pool_kernel[1] > 0:
+        return (ho - pool_kernel[0]) // pool_stride[0] + 1, (wo - pool_kernel[1]) // pool_stride[1] + 1
+    return ho, wo
+
+
+@torch.library.register_fake("robustops::kernel_dropout_eval")
+def _kernel_dropout_eval_fake(base, delta, weight, channels, stride, padding, dilation, scale, shift, relu,
+                              pool_kernel, pool_stride):
+    torch._check(base.dim() == 4 and delta.dim() == 4 and weight.dim() == 4,
+                 lambda: "kernel_dropout_eval: base, delta and weight must be 4-D")
+    torch._check(channels.dim() == 1, lambda: "kernel_dropout_eval: channels must be 1-D")
+    hp, wp = _kernel_dropout_out_hw(base.shape[2], base.shape[3], pool_kernel, pool_stride)
+    # channels-last per variant, like the real kernels
+    return base.new_empty((channels.shape[0], base.shape[0], hp, wp, base.shape[1])).permute(0, 1, 4, 2, 3)
+
+
+def kernel_dropout_eval(
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    weight: torch.Tensor,
+    channels: torch.Tensor,
+    stride=1,
+    padding=0,
+    dilation=1,
+    scale: "torch.Tensor | None" = None,
+    shift: "torch.Tensor | None" = None,
+    relu: bool = False,
+    pool_kernel=0,
+    pool_stride=None,
+) -> torch.Tensor:
+    """A convolution's output for many one-input-channel ablations at once, from its base output.
+
+    For each ``c = channels[v]``::
+
+        y = base - conv2d(delta[:, c:c+1], weight[:, c:c+1], stride, padding, dilation)
+        y = y * scale + shift          (per output channel; both or neither, e.g. a folded BatchNorm)
+        y = relu(y)                    (when relu)
+        y = max_pool2d(y, pool_kernel, pool_stride)   (when pool_kernel > 0; no padding)
+
+    Args:
+        base: ``[N, Cout, Ho, Wo]`` the convolution's output (bias included) on the full input.
+        delta: ``[N, Cin, H, W]`` per-channel change of the input under each ablation.
+        weight: ``[Cout, Cin, kh, kw]`` (groups=1).
+        channels: int64 ``[V]`` indices into ``Cin``.
+        stride, padding, dilation: the convolution's (int or pair).
+        pool_stride: defaults to ``pool_kernel``.
+
+    Returns:
+        ``[V, N, Cout, Hp, Wp]``, stored channels-last per variant (memory order
+        ``[V, N, Hp, Wp, Cout]``), so ``out.reshape(V * N, Cout, Hp, Wp)`` is a ``channels_last``
+        view. Not differentiable.
+    """
+    for name, t in (("base", base), ("delta", delta), ("weight", weight), ("channels", channels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if channels.dtype != torch.int64:
+        raise TypeError(f"channels must be int64, got {channels.dtype}")
+    pk = _pair(pool_kernel, "pool_kernel")
+    ps = pk if pool_stride is None else _pair(pool_stride, "pool_stride")
+    if (scale is None) != (shift is None):
+        raise ValueError("give both scale and shift, or neither")
+    return torch.ops.robustops.kernel_dropout_eval(
+        base, delta, weight, channels, _pair(stride, "stride"), _pair(padding, "padding"),
+        _pair(dilation, "dilation"), scale, shift, bool(relu), pk, ps)
+__all__ += ["kernel_dropout_eval"]

@@ -1,0 +1,33 @@
+"""Named errors of ``robustops.fragile`` (all subclasses of ``ValueError`` or ``TypeError``)."""
+from __future__ import annotations
+
+__all__ = ["FragileError", "LayerNotFoundError", "NotAConvLayerError", "EmptyDatasetError",
+           "MemoryBudgetError", "NoiseLevelError", "EmptySplitError"]
+
+
+class FragileError(ValueError):
+    """Base class of the value errors raised by ``robustops.fragile``."""
+
+
+class LayerNotFoundError(FragileError):
+    """The layer name (or module) is not part of the model."""
+
+
+class NotAConvLayerError(TypeError):
+    """The layer exists but is not an ``nn.Conv2d``."""
+
+
+class EmptyDatasetError(FragileError):
+    """The data yielded no examples."""
+
+
+class MemoryBudgetError(FragileError):
+    """``memory_budget`` cannot hold the activations of even one ablated variant."""
+
+
+class NoiseLevelError(FragileError):
+    """``eps_noise`` is not a finite number > 0."""
+
+
+class EmptySplitError(FragileError):
+    """The fragile set S or the null set S' is empty, so S-vs-S' comparisons are undefined."""
