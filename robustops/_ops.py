@@ -21,6 +21,25 @@ __all__ = ["fgsm_step"]
 EpsLike = Union[float, int, Sequence[float], torch.Tensor]
 
 
+def _pair(v, name: str, minimum: int = 0) -> list:
+    """An int or a pair of ints (stride, padding, ...) as a 2-list, each >= ``minimum``."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got bool")
+    if isinstance(v, int):
+        out = [v, v]
+    else:
+        try:
+            out = [int(e) for e in v]
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {type(v).__name__}") from None
+        if len(out) != 2:
+            raise ValueError(f"{name} must have 2 values, got {len(out)}")
+    if out[0] < minimum or out[1] < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(out)}")
+    return out
+
+
+
 # --------------------------------------------------------------------------------------------
 # fgsm_step
 # --------------------------------------------------------------------------------------------
@@ -108,23 +127,6 @@ IntPair = Union[int, Sequence[int]]
 AlphaLike = Union[float, int, torch.Tensor]
 
 __all__ += ["compact_conv2d", "compact_linear"]
-
-
-def _pair(v: IntPair, name: str, minimum: int) -> list:
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got bool")
-    if isinstance(v, int):
-        out = [v, v]
-    else:
-        try:
-            out = [int(e) for e in v]
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {type(v).__name__}") from None
-        if len(out) != 2:
-            raise ValueError(f"{name} must have 2 values, got {len(out)}")
-    if out[0] < minimum or out[1] < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {tuple(out)}")
-    return out
 
 
 def _conv_out(n, k, s, p, d):
@@ -347,18 +349,6 @@ def compact_linear(
 # --------------------------------------------------------------------------------------------
 # kernel_dropout_eval  (robustops.fragile: batched one-kernel-at-a-time ablation)
 # --------------------------------------------------------------------------------------------
-def _pair(value, name: str):
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got bool")
-    if isinstance(value, int):
-        return [int(value), int(value)]
-    try:
-        a, b = value
-        return [int(a), int(b)]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-
-
 def _kernel_dropout_out_hw(ho, wo, pool_kernel, pool_stride):
     if pool_kernel[0] > 0 or pool_kernel[1] > 0:
         return (ho - pool_kernel[0]) // pool_stride[0] + 1, (wo - pool_kernel[1]) // pool_stride[1] + 1
@@ -422,6 +412,6 @@ def kernel_dropout_eval(
     if (scale is None) != (shift is None):
         raise ValueError("give both scale and shift, or neither")
     return torch.ops.robustops.kernel_dropout_eval(
-        base, delta, weight, channels, _pair(stride, "stride"), _pair(padding, "padding"),
-        _pair(dilation, "dilation"), scale, shift, bool(relu), pk, ps)
+        base, delta, weight, channels, _pair(stride, "stride", 1), _pair(padding, "padding"),
+        _pair(dilation, "dilation", 1), scale, shift, bool(relu), pk, ps)
 __all__ += ["kernel_dropout_eval"]
