@@ -11,7 +11,7 @@ Variants (``build_variant(name)`` returns ``Variant(name, model, criterion)``):
   CCN     compact convolution in every conv and fc layer (the last fc is then an L2-softmax layer)
   CCN+LS  CCN trained with label smoothing
 Every model starts with the paper's pre-processing, a mean subtraction of 0.5, inside the model,
-so attacks work in [0, 1] pixel space. The architecture helper here is self-contained on purpose.
+so attacks work in [0, 1] pixel space. The architecture is robustops.models.papernot_mnist.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from ..models.papernot import papernot_mnist as _papernot_net
 from .activations import BoundedReLU
 from .compact import CompactConv2d, CompactLinear
 from .l2softmax import L2SoftmaxLinear
@@ -55,29 +56,16 @@ def papernot_mnist(
     head: Callable[[int, int], nn.Module] | None = None,
     mean: float = 0.5,
 ) -> nn.Sequential:
-    """Papernot et al.'s MNIST network (Table 10, MNIST column) with injectable layer types.
+    """Papernot et al.'s MNIST network (Table 10) behind the paper's mean subtraction.
 
-    ``conv_layer(in, out, kernel_size)`` and ``linear_layer(in, out)`` build the conv / hidden fc
-    layers, ``head(in, num_classes)`` the last one (default: ``linear_layer``)."""
-    s = image_size
-    s = (s - 4) // 2
-    s = (s - 4) // 2
-    if s < 1:
-        raise ValueError(f"image_size must be >= 14 for this architecture, got {image_size}")
-    head = head or linear_layer
-    return nn.Sequential(
-        Shift(mean),
-        conv_layer(in_channels, 32, 3), activation(),
-        conv_layer(32, 32, 3), activation(),
-        nn.MaxPool2d(2),
-        conv_layer(32, 64, 3), activation(),
-        conv_layer(64, 64, 3), activation(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        linear_layer(64 * s * s, 200), activation(),
-        linear_layer(200, 200), activation(),
-        head(200, num_classes),
+    ``Sequential(Shift(mean), robustops.models.papernot_mnist(...))``: the architecture is the one
+    of :func:`robustops.models.papernot_mnist` (layer factories passed through), preceded by
+    ``x - mean`` so that attacks keep working in [0, 1] pixel space."""
+    net = _papernot_net(
+        in_channels=in_channels, num_classes=num_classes, input_size=image_size,
+        conv_layer=conv_layer, linear_layer=linear_layer, activation=activation, head=head,
     )
+    return nn.Sequential(Shift(mean), net)
 
 
 class Variant(NamedTuple):
@@ -116,7 +104,7 @@ def build_variant(
         model = papernot_mnist(head=lambda i, o: L2SoftmaxLinear(i, o, alpha=l2_alpha), **common)
     else:  # CCN, CCN+LS
         model = papernot_mnist(
-            conv_layer=lambda i, o, k: CompactConv2d(i, o, k, alpha=ccn_alpha, delta=delta),
+            conv_layer=lambda i, o, **kw: CompactConv2d(i, o, alpha=ccn_alpha, delta=delta, **kw),
             linear_layer=lambda i, o: CompactLinear(i, o, alpha=ccn_alpha, delta=delta),
             head=lambda i, o: CompactLinear(i, o, alpha=ccn_head_alpha, delta=delta),
             **common,
