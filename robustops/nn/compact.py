@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._ops import compact_conv2d, compact_linear
+from .._ops import _check_delta, compact_conv2d, compact_linear
 
 __all__ = ["CompactConv2d", "CompactLinear"]
 
@@ -23,15 +23,6 @@ def _check_alpha_init(alpha) -> float:
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
     return alpha
-
-
-def _check_delta(delta) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)):
-        raise TypeError(f"delta must be a number, got {type(delta).__name__}")
-    delta = float(delta)
-    if not math.isfinite(delta) or delta < 0:
-        raise ValueError(f"delta must be finite and >= 0, got {delta}")
-    return delta
 
 
 class CompactConv2d(nn.Conv2d):
@@ -152,7 +143,7 @@ class CompactLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"CompactLinear expects in_features={self.in_features} in the last dimension, "
+                f"{type(self).__name__} expects in_features={self.in_features} in the last dimension, "
                 f"got input of shape {tuple(x.shape)}"
             )
         return compact_linear(x, self.weight, self.bias, self.alpha, self.delta)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
-
-from .._ops import compact_linear
-from .compact import _check_alpha_init, _check_delta
+from .compact import CompactLinear, _check_alpha_init
 
 __all__ = ["L2SoftmaxLinear", "l2softmax_alpha_lower_bound"]
 
@@ -25,12 +21,13 @@ def l2softmax_alpha_lower_bound(num_classes: int, p: float = 0.9) -> float:
     return math.log(p * (num_classes - 2) / (1.0 - p))
 
 
-class L2SoftmaxLinear(nn.Linear):
+class L2SoftmaxLinear(CompactLinear):
     """Final classification layer of an L2-softmax network:
     ``logits = W (alpha * x / (||x||_2 + delta)) + b``.
 
-    ``alpha`` is fixed by default (``learn_alpha=True`` makes it a parameter). ``delta`` only guards
-    all-zero features (default 1e-6). Use :func:`l2softmax_alpha_lower_bound` to pick alpha.
+    The same computation as :class:`CompactLinear` with head defaults: ``alpha`` fixed (a buffer;
+    ``learn_alpha=True`` makes it a parameter) and > 0, ``delta`` only guarding all-zero features
+    (default 1e-6). Use :func:`l2softmax_alpha_lower_bound` to pick alpha.
     """
 
     def __init__(
@@ -45,24 +42,7 @@ class L2SoftmaxLinear(nn.Linear):
         learn_alpha: bool = False,
         delta: float = 1e-6,
     ) -> None:
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        alpha = _check_alpha_init(alpha)
-        if alpha <= 0:
+        if _check_alpha_init(alpha) <= 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
-        self.delta = _check_delta(delta)
-        a = torch.tensor(alpha, device=device, dtype=dtype or torch.get_default_dtype())
-        if learn_alpha:
-            self.alpha = nn.Parameter(a)
-        else:
-            self.register_buffer("alpha", a)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", learn_alpha={isinstance(self.alpha, nn.Parameter)}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"L2SoftmaxLinear expects in_features={self.in_features} in the last dimension, "
-                f"got input of shape {tuple(x.shape)}"
-            )
-        return compact_linear(x, self.weight, self.bias, self.alpha, self.delta)
+        super().__init__(in_features, out_features, bias, device, dtype,
+                         alpha=alpha, delta=delta, learn_alpha=learn_alpha)
