@@ -47,9 +47,9 @@ def main(argv=None) -> int:
         got = module.run(quick=args.quick)
         records.extend(got)
         print(f"\n== {name} ({time.perf_counter() - t0:.1f} s)")
-        print(f"{'shape':<34} {'impl':<32} {'median ms':>10} {'ref ms':>10} {'ratio':>7} {'speedup':>8}  reference")
+        print(f"{'name':<36} {'shape':<34} {'impl':<32} {'median ms':>10} {'ref ms':>10} {'ratio':>7} {'speedup':>8}  reference")
         for r in got:
-            print(f"{r['shape']:<34} {r['impl']:<32} {r['median_s'] * 1e3:>10.3f} {r['reference_median_s'] * 1e3:>10.3f}"
+            print(f"{r['name']:<36} {r['shape']:<34} {r['impl']:<32} {r['median_s'] * 1e3:>10.3f} {r['reference_median_s'] * 1e3:>10.3f}"
                   f" {r['ratio']:>7.3f} {r['speedup']:>7.2f}x  {r['reference']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -53,7 +53,7 @@ def robust_accuracy_curve(
     lo: float = 0.0,
     hi: float = 1.0,
     batch_size: int = 512,
-    concat_forward: Optional[bool] = None,
+    concat_forward: bool = False,
     forward_batch: int = 2048,
     progress: bool = False,
 ) -> torch.Tensor:
@@ -66,12 +66,11 @@ def robust_accuracy_curve(
         eps: list or 1-D tensor of K step sizes >= 0.
         lo, hi: pixel bounds; inputs must lie inside them.
         concat_forward: evaluate the ``K*B`` adversarial images of a batch as concatenated
-            forwards of ``forward_batch`` images instead of K forwards of ``B``. Same maths; the
-            predictions equal those of K separate forwards when the model's kernels are
-            batch-size invariant, as PyTorch's CPU convolution / linear kernels were in our checks
-            (the test suite asserts it), while cuDNN may pick other algorithms per batch size.
-            None (default): concatenate on CPU (measured up to ~10% faster there), K forwards of
-            the FGSM batch elsewhere. False always gives the exact forwards :func:`fgsm` makes.
+            forwards of ``forward_batch`` images instead of K forwards of ``B``. Same maths, but
+            the predictions equal those of K separate forwards only when the model's kernels give
+            batch-size-independent results (PyTorch's CPU kernels did in our checks; cuDNN may
+            pick other algorithms per batch size). Default False: K forwards of the FGSM batch,
+            exactly the forwards :func:`fgsm` makes (on an idle 2-core CPU also the faster one).
         forward_batch: images per concatenated forward (bounds the activation memory).
         progress: tqdm bar over batches.
 
@@ -91,7 +90,7 @@ def robust_accuracy_curve(
     correct = torch.zeros(K, dtype=torch.long)
     total = 0
     device = model_device(model)
-    concat = (device.type == "cpu") if concat_forward is None else bool(concat_forward)
+    concat = bool(concat_forward)
     with frozen_model(model):
         for xb, yb in maybe_progress(_batches(data, batch_size), progress, desc="robust_accuracy_curve"):
             check_images(xb, lo, hi, "x")
