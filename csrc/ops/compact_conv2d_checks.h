@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -150,6 +151,35 @@ inline void check_compact_linear_args(const at::Tensor& x, const at::Tensor& wei
   }
   check_delta(delta, op);
   check_alpha_tensor(alpha, x, op);
+}
+
+// The part of the backward both kernels share: which gradients are asked for, the bias gradient,
+// and the early exits (nothing but the bias gradient wanted, or an empty batch). Gradients not
+// asked for are empty [0] tensors. When `done` is false the kernel computes the rest.
+struct CompactConvBackwardPlan {
+  bool has_bias, need_x, need_w, need_b, need_a, done;
+  at::Tensor gx, gw, gb, ga;
+};
+
+inline CompactConvBackwardPlan plan_compact_conv2d_backward(
+    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& alpha, int64_t N, std::array<bool, 4> mask) {
+  CompactConvBackwardPlan p;
+  p.has_bias = bias.has_value() && bias->defined();
+  p.need_x = mask[0];
+  p.need_w = mask[1];
+  p.need_b = mask[2] && p.has_bias;
+  p.need_a = mask[3];
+  const at::Tensor empty = at::empty({0}, x.options());
+  p.gx = p.gw = p.gb = p.ga = empty;
+  if (p.need_b) p.gb = gy.sum(at::IntArrayRef{0, 2, 3});
+  p.done = !(p.need_x || p.need_w || p.need_a) || N == 0;
+  if (N == 0) {
+    if (p.need_x) p.gx = at::zeros_like(x, at::MemoryFormat::Contiguous);
+    if (p.need_w) p.gw = at::zeros_like(weight, at::MemoryFormat::Contiguous);
+    if (p.need_a) p.ga = at::zeros_like(alpha, at::MemoryFormat::Contiguous);
+  }
+  return p;
 }
 
 }  // namespace robustops

@@ -25,6 +25,21 @@ def _check_alpha_init(alpha) -> float:
     return alpha
 
 
+def _init_compact_scale(module: nn.Module, alpha, delta, learn_alpha: bool, device, dtype) -> None:
+    """Checked ``delta`` attribute and scalar ``alpha`` (a Parameter, or a buffer when fixed)."""
+    alpha = _check_alpha_init(alpha)
+    module.delta = _check_delta(delta)
+    a = torch.tensor(alpha, device=device, dtype=dtype or torch.get_default_dtype())
+    if learn_alpha:
+        module.alpha = nn.Parameter(a)
+    else:
+        module.register_buffer("alpha", a)
+
+
+def _compact_repr(module: nn.Module) -> str:
+    return f", delta={module.delta}, learn_alpha={isinstance(module.alpha, nn.Parameter)}"
+
+
 class CompactConv2d(nn.Conv2d):
     """Compact convolution: ``alpha * conv2d(x, W) / (||patch||_2 + delta) + b``.
 
@@ -62,16 +77,10 @@ class CompactConv2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             device=device, dtype=dtype,
         )
-        alpha = _check_alpha_init(alpha)
-        self.delta = _check_delta(delta)
-        a = torch.tensor(alpha, device=device, dtype=dtype or torch.get_default_dtype())
-        if learn_alpha:
-            self.alpha = nn.Parameter(a)
-        else:
-            self.register_buffer("alpha", a)
+        _init_compact_scale(self, alpha, delta, learn_alpha, device, dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", delta={self.delta}, learn_alpha={isinstance(self.alpha, nn.Parameter)}"
+        return super().extra_repr() + _compact_repr(self)
 
     def _explicit_padding(self):
         """(pre-pad for F.pad or None, symmetric padding for the op)."""
@@ -129,16 +138,10 @@ class CompactLinear(nn.Linear):
         learn_alpha: bool = True,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        alpha = _check_alpha_init(alpha)
-        self.delta = _check_delta(delta)
-        a = torch.tensor(alpha, device=device, dtype=dtype or torch.get_default_dtype())
-        if learn_alpha:
-            self.alpha = nn.Parameter(a)
-        else:
-            self.register_buffer("alpha", a)
+        _init_compact_scale(self, alpha, delta, learn_alpha, device, dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", delta={self.delta}, learn_alpha={isinstance(self.alpha, nn.Parameter)}"
+        return super().extra_repr() + _compact_repr(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:

@@ -510,21 +510,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_conv2d_backwa
                                                                dilation, groups, alpha, delta);
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "_compact_conv2d_backward (CPU kernel): x must be float32 or float64, got ", x.scalar_type());
-  const bool has_bias = bias.has_value() && bias->defined();
-  const bool need_x = mask[0], need_w = mask[1], need_b = mask[2] && has_bias, need_a = mask[3];
-  const double a = alpha.item<double>();
-  const at::Tensor empty = at::empty({0}, x.options());
-  at::Tensor gx = empty, gw = empty, gb = empty, ga = empty;
-
   const at::Tensor gy = grad_out.contiguous();
-  if (need_b) gb = gy.sum(at::IntArrayRef{0, 2, 3});
-  if (!(need_x || need_w || need_a)) return std::make_tuple(gx, gw, gb, ga);
-  if (g.N == 0) {
-    if (need_x) gx = at::zeros_like(x, at::MemoryFormat::Contiguous);
-    if (need_w) gw = at::zeros_like(weight, at::MemoryFormat::Contiguous);
-    if (need_a) ga = at::zeros_like(alpha, at::MemoryFormat::Contiguous);
-    return std::make_tuple(gx, gw, gb, ga);
-  }
+  CompactConvBackwardPlan plan = plan_compact_conv2d_backward(gy, x, weight, bias, alpha, g.N, mask);
+  if (plan.done) return std::make_tuple(plan.gx, plan.gw, plan.gb, plan.ga);
+  const bool has_bias = plan.has_bias, need_x = plan.need_x, need_w = plan.need_w, need_a = plan.need_a;
+  at::Tensor gx = plan.gx, gw = plan.gw, gb = plan.gb, ga = plan.ga;
+  const double a = alpha.item<double>();
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
