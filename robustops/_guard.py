@@ -1,11 +1,43 @@
-"""Leave the user's model exactly as it was: the guard every attack and analysis runs under."""
+"""Leave the user's model exactly as it was: the guard every attack and analysis runs under.
+
+Thread safety: the guard keeps one record per model (a reference count and the snapshot taken by
+the first entrant). Concurrent or nested guards on the same model share that record: the first
+one to enter snapshots the user's state and freezes the model, the last one to leave restores the
+snapshot. Two threads attacking one model therefore both run on the frozen model and the user's
+state comes back exactly once both are done (a per-model snapshot under a lock, not one per call,
+which would capture the other thread's frozen state).
+"""
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, Optional
+import threading
+import weakref
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
+
+_LOCK = threading.Lock()
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, _Record]" = weakref.WeakKeyDictionary()
+
+
+class _Record:
+    __slots__ = ("count", "modes", "params", "requires", "grads", "eval_mode")
+
+    def __init__(self, model: nn.Module, eval_mode: bool):
+        self.count = 0
+        self.eval_mode = eval_mode
+        self.modes: Dict[nn.Module, bool] = {m: m.training for m in model.modules()}
+        self.params: List[nn.Parameter] = list(model.parameters())
+        self.requires = [p.requires_grad for p in self.params]
+        self.grads = [p.grad for p in self.params]
+
+    def restore(self) -> None:
+        for m, training in self.modes.items():
+            m.training = training
+        for p, r, g in zip(self.params, self.requires, self.grads):
+            p.requires_grad_(r)
+            p.grad = g
 
 
 @contextlib.contextmanager
@@ -14,28 +46,32 @@ def frozen_model(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module
 
     Inside the block the model is in eval mode (when ``eval_mode``) and its parameters do not
     require grad, so ``torch.autograd.grad`` w.r.t. the input does not touch ``param.grad``.
-    On exit, in ``finally``: every submodule's ``training`` flag, every parameter's
-    ``requires_grad`` and every parameter's ``.grad`` (the same tensor object, or None) are
-    restored. Parameters and buffers are never written by robustops code under this guard.
+    When the last guard on the model exits (in ``finally``): every submodule's ``training``
+    flag, every parameter's ``requires_grad`` and every parameter's ``.grad`` (the same tensor
+    object, or None) are restored to what they were before the first guard entered. Safe to
+    nest and to use from several threads on one model. Parameters and buffers are never written
+    by robustops code under this guard.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    modes: Dict[nn.Module, bool] = {m: m.training for m in model.modules()}
-    params = list(model.parameters())
-    requires = [p.requires_grad for p in params]
-    grads = [p.grad for p in params]
-    try:
+    with _LOCK:
+        rec = _ACTIVE.get(model)
+        if rec is None:
+            rec = _Record(model, eval_mode)
+            _ACTIVE[model] = rec
+        rec.count += 1
         if eval_mode:
             model.eval()
-        for p in params:
+        for p in rec.params:
             p.requires_grad_(False)
+    try:
         yield model
     finally:
-        for m, training in modes.items():
-            m.training = training
-        for p, r, g in zip(params, requires, grads):
-            p.requires_grad_(r)
-            p.grad = g
+        with _LOCK:
+            rec.count -= 1
+            if rec.count == 0:
+                del _ACTIVE[model]
+                rec.restore()
 
 
 def model_device(model: nn.Module, default: Optional[torch.device] = None) -> torch.device:

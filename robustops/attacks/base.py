@@ -23,13 +23,13 @@ Calling convention (torchattacks-style)::
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from .._checks import as_logits, check_bounds, check_images, check_labels, check_nonneg
+from .._gradients import autograd_on
 from .._guard import frozen_model, model_device
 
 __all__ = [
@@ -47,76 +47,11 @@ __all__ = [
 EpsArg = Union[float, int, torch.Tensor]
 
 
-# --------------------------------------------------------------------------------------------
-# checks shared by every attack
-# --------------------------------------------------------------------------------------------
-def check_bounds(lo, hi) -> Tuple[float, float]:
-    """``lo`` and ``hi`` as floats with ``lo < hi``, both finite."""
-    try:
-        lo_f, hi_f = float(lo), float(hi)
-    except (TypeError, ValueError):
-        raise TypeError(f"lo and hi must be numbers, got lo={lo!r}, hi={hi!r}") from None
-    if not (math.isfinite(lo_f) and math.isfinite(hi_f)) or lo_f >= hi_f:
-        raise ValueError(f"need finite lo < hi, got lo={lo_f}, hi={hi_f}")
-    return lo_f, hi_f
-
-
-def check_images(x, lo: float = 0.0, hi: float = 1.0, name: str = "x") -> torch.Tensor:
-    """Validate an input batch: floating tensor ``[N, ...]``, N >= 1, finite, within ``[lo, hi]``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"{name} must be a batch [N, ...] with at least 2 dimensions, got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (batch size 0)")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
-    xmin, xmax = float(x.min()), float(x.max())
-    if xmin < lo or xmax > hi:
-        raise ValueError(
-            f"{name} must lie in [lo, hi] = [{lo}, {hi}], got values in [{xmin:.6g}, {xmax:.6g}] "
-            "(attacks work in pixel space: put normalisation inside the model)"
-        )
-    return x
-
-
-def check_labels(y, n: int, name: str = "y", num_classes: Optional[int] = None) -> torch.Tensor:
-    """Validate labels: 1-D integer tensor of length ``n`` with values in ``[0, num_classes)``."""
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {y.dtype}")
-    if y.dim() != 1:
-        raise ValueError(f"{name} must be 1-D [N], got shape {tuple(y.shape)}")
-    if y.shape[0] != n:
-        raise ValueError(f"shape mismatch: x has {n} samples but {name} has {y.shape[0]}")
-    if y.numel() and int(y.min()) < 0:
-        raise ValueError(f"{name} must hold class indices >= 0, got min {int(y.min())}")
-    if num_classes is not None and y.numel() and int(y.max()) >= num_classes:
-        raise ValueError(f"{name} holds class {int(y.max())} but the model has {num_classes} outputs")
-    return y.long()
-
-
+# The checks every public entry point shares live in robustops._checks (re-exported here for the
+# attack modules). check_logits is the shared model-output rule, as_logits.
 def check_logits(logits, n: int) -> torch.Tensor:
-    """The model's output must be a floating ``(N, C)`` tensor of logits with C >= 2."""
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"model must return a (N, C) logits tensor, got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < 2:
-        raise ValueError(f"model must return (N, C) logits with N={n} and C >= 2, got shape {tuple(logits.shape)}")
-    return logits
-
-
-def check_nonneg(value, name: str, *, integer: bool = False, positive: bool = False):
-    """A finite number >= 0 (> 0 when ``positive``); an int when ``integer``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if integer and not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value}")
-    return int(value) if integer else float(value)
+    """The model's output as ``(N, C)`` logits (see :func:`robustops._checks.as_logits`)."""
+    return as_logits(logits, n)
 
 
 def per_sample(value: EpsArg, n: int, name: str = "eps") -> Union[float, torch.Tensor]:
@@ -198,8 +133,8 @@ class Attack:
 
     # ---- helpers available to subclasses -------------------------------------------------
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``model(x)`` with the output checked to be ``(N, C)``."""
-        return check_logits(self.model(x), x.shape[0])
+        """``model(x)`` through the shared output rule (:func:`robustops._checks.as_logits`)."""
+        return as_logits(self.model(x), x.shape[0])
 
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Arg-max labels of ``x`` without building a graph."""
@@ -227,7 +162,11 @@ class Attack:
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None):
         x, y, out_device = self.prepare(x, y)
-        with frozen_model(self.model):
+        # autograd_on: the attack works the same under torch.inference_mode() / no_grad() (one rule,
+        # robustops._gradients); inputs made under inference mode are copied to normal tensors.
+        with frozen_model(self.model), autograd_on():
+            x = _normal(x)
+            y = None if y is None else _normal(y)
             with torch.no_grad():
                 logits = self.logits(x[:1])
             self.num_classes = logits.shape[1]
@@ -245,6 +184,14 @@ class Attack:
     def __repr__(self) -> str:
         keys = [k for k in vars(self) if k not in ("model", "generator", "num_classes") and not k.startswith("_")]
         return f"{type(self).__name__}(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in keys) + ")"
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or a normal-tensor copy when it was made under ``torch.inference_mode``."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
 
 
 def _to_device(out, device: torch.device):
