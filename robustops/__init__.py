@@ -5,6 +5,7 @@ Compiled operators live under ``torch.ops.robustops`` and have checked wrappers 
 """
 from . import _ops, ops  # loads the compiled core and registers every op
 from ._C import build_info as _build_info
+from ._checks import SelectOutput
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,4 @@ def build_info() -> dict:
     return dict(_build_info())
 
 
-__all__ = ["build_info", "ops", "__version__"]
+__all__ = ["build_info", "ops", "SelectOutput", "__version__"]
