@@ -187,28 +187,37 @@ def speedups(records: List[dict], path: str) -> str:
 
 
 def dropout_panels(per_model: Dict[str, dict], path: str) -> str:
-    """Per model: accuracy with each kernel removed (clean and FGSM), mean line, S / S' markers."""
+    """Per model (columns): accuracy with each kernel removed, mean line, S / S' markers (top row);
+    accuracy on the fixed FGSM set with each kernel removed (bottom row)."""
     plt = _plt()
     n = len(per_model)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.3), squeeze=False)
-    for ax, (label, p) in zip(axes[0], per_model.items()):
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 5.2), squeeze=False, sharex="col")
+    for c, (label, p) in enumerate(per_model.items()):
         acc = 100 * np.asarray(p["clean"])
         idx = np.arange(acc.size)
         fr = np.asarray(p["fragile"], dtype=int)
         nu = np.asarray(p["null"], dtype=int)
+        ax = axes[0][c]
         ax.axhline(100 * p["baseline"], color="grey", linestyle="--", linewidth=1, label="no kernel removed")
         ax.axhline(acc.mean(), color=PALETTE[1], linewidth=1, label="mean (split line)")
         ax.scatter(idx[fr], acc[fr], marker="o", facecolors="none", edgecolors=PALETTE[0], s=30,
                    label=f"fragile S ({fr.size})")
         ax.scatter(idx[nu], acc[nu], marker="*", color="black", s=30, label=f"null S' ({nu.size})")
+        ax.set_ylabel("clean accuracy (%)")
+        ax.set_title(f"{label}: {p['layer']}")
+        ax.legend(fontsize=6.5, loc="lower left")
+        ax = axes[1][c]
         if p.get("adv") is not None:
             adv = 100 * np.asarray(p["adv"])
-            ax.plot(idx, adv, color=PALETTE[3], linewidth=1, marker=".", ms=3,
-                    label=f"under FGSM eps {p['adv_eps']:g}")
-        ax.set_xlabel(f"kernel of {p['layer']} removed")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(label)
-        ax.legend(fontsize=6.5, loc="lower left")
+            if p.get("adv_baseline") is not None:
+                ax.axhline(100 * p["adv_baseline"], color="grey", linestyle="--", linewidth=1,
+                           label="no kernel removed")
+            ax.bar(idx, adv, color=[PALETTE[0] if k in set(fr.tolist()) else "#444444" for k in idx], width=0.7)
+            lo = max(0.0, adv.min() - 5)
+            ax.set_ylim(lo, min(100.0, max(adv.max(), 100 * (p.get("adv_baseline") or 0)) + 3))
+            ax.set_ylabel(f"FGSM eps {p['adv_eps']:g} accuracy (%)")
+            ax.legend(fontsize=6.5, loc="lower left")
+        ax.set_xlabel(f"kernel of {p['layer']} removed (blue: S, dark: S')")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -105,7 +105,7 @@ class Context:
         """Draw a figure on rank 0 (when matplotlib is there); the PNG path, or None."""
         if not (self.figures and is_main()):
             return None
-        return fn(*args, self.path(name), **kw)
+        return fn(*args, path=self.path(name), **kw)
 
     def eval_xy(self) -> Tuple[torch.Tensor, torch.Tensor]:
         n = self.settings.n_eval
@@ -129,6 +129,10 @@ def _num(v: Optional[float], fmt: str = "{:.3f}") -> str:
 
 
 def _secs(v: float) -> str:
+    if v < 1e-3:
+        return f"{v * 1e6:.0f} us"
+    if v < 0.01:
+        return f"{v * 1e3:.2f} ms"
     return f"{v * 1e3:.0f} ms" if v < 1 else f"{v:.2f} s"
 
 
@@ -142,23 +146,66 @@ def _autoattack_class():
         return None, why
     cls = getattr(mod, "AutoAttack", None)
     if cls is None:
-        return None, "robustops.attacks has no AutoAttack yet (issue 15)"
+        return None, "robustops.attacks in this installation has no AutoAttack yet"
     return cls, None
 
 
-def _run_autoattack(cls, model, x, y, eps, seed, quick):
+def _run_autoattack(cls, model, x, y, eps, seed, chunk):
+    """AutoAttack "standard" on ``(x, y)``; returns a JSON-able dict. AutoAttack shards its own
+    chunks under torchrun (every rank calls it on all points and gets the whole result)."""
     kw = dict(norm="Linf", eps=eps, version="standard", seed=seed)
-    aa = cls(model, **kw)
+    try:
+        aa = cls(model, batch_size=chunk, warn=False, progress=progress_enabled(), **kw)
+    except TypeError:  # an AutoAttack without those keywords
+        aa = cls(model, **kw)
+    t0 = time.perf_counter()
     x_adv = aa(x, y)
+    secs = time.perf_counter() - t0
     res = getattr(aa, "last_result", None)
     with torch.no_grad():
         robust = model(x_adv).argmax(1) == y
-    flags = []
+    out = {"robust_accuracy": float(robust.double().mean()), "n": int(x.shape[0]), "eps": eps,
+           "version": "standard", "seconds": secs, "flags": []}
     if res is not None:
-        raw = res.get("flags", []) if isinstance(res, dict) else getattr(res, "flags", [])
-        for f in raw or []:
-            flags.append(str(getattr(f, "name", None) or getattr(f, "message", None) or f))
-    return robust, flags
+        get = (lambda k, d=None: res.get(k, d)) if isinstance(res, dict) else (lambda k, d=None: getattr(res, k, d))
+        ra = get("robust_accuracy")
+        if ra is not None:
+            out["robust_accuracy"] = float(ra)
+        for f in get("flags", []) or []:
+            out["flags"].append(str(f))
+        acc_after = get("accuracy_after")
+        if acc_after:
+            out["accuracy_after"] = {str(k): float(v) for k, v in dict(acc_after).items()}
+        t = get("time")
+        if t:
+            out["attack_seconds"] = {str(k): float(v) for k, v in dict(t).items()}
+    return out
+
+
+def _observations(results: dict, labels: List[str], st: "Settings", eps: float) -> List[str]:
+    """Sentences computed from this run's numbers (what stands out), not canned text."""
+    out = []
+    k = min(range(len(st.fgsm_eps)), key=lambda j: abs(st.fgsm_eps[j] - eps))
+    for l in labels:
+        r = results[l]
+        f, p = r["fgsm"]["accuracy"][k], r["pgd"]["accuracy"]
+        if abs(st.fgsm_eps[k] - eps) < 1e-12 and f - p >= 0.15:
+            out.append(f"{l}: PGD leaves {100 * p:.1f}% where FGSM leaves {100 * f:.1f}% at eps {eps:g}: a one-step "
+                       f"attack overstates this model's robustness by {100 * (f - p):.0f} points.")
+        a = r["autoattack"].get("robust_accuracy") if isinstance(r["autoattack"], dict) else None
+        if a is not None and p - a >= 0.05:
+            out.append(f"{l}: AutoAttack leaves {100 * a:.1f}%, {100 * (p - a):.0f} points below PGD: trust the "
+                       f"AutoAttack number.")
+    if len(labels) == 2:
+        a, b = labels
+        ra, rb = results[a], results[b]
+        fa, fb = ra["fgsm"]["accuracy"][-1], rb["fgsm"]["accuracy"][-1]
+        da, db = ra["deepfool"]["median_l2"], rb["deepfool"]["median_l2"]
+        better = b if fb > fa else a
+        out.append(f"At the largest FGSM eps ({st.fgsm_eps[-1]:g}) {better} keeps more accuracy "
+                   f"({100 * max(fa, fb):.1f}% vs {100 * min(fa, fb):.1f}%); DeepFool needs a median L2 of "
+                   f"{da:.3f} on {a} and {db:.3f} on {b} to flip a prediction.")
+    return out
 
 
 def robustness(ctx: Context) -> Section:
@@ -234,17 +281,9 @@ def robustness(ctx: Context) -> Section:
 
         aa = None
         if aa_cls is not None:
-            def aa_fn(ci, s, e, model=model):
-                t0 = time.perf_counter()
-                robust, flags = _run_autoattack(aa_cls, model, x[s:e], y[s:e], eps, ctx.seed + ci, st.quick)
-                return {"robust": robust, "chunk_flags": flags, "chunk_t": time.perf_counter() - t0}
-
             try:
-                ra = map_chunks(aa_fn, st.n_aa, st.chunk, desc=f"AutoAttack {me.label}")
-                flags = sorted({f for fl in ra["chunk_flags"] for f in fl})
-                aa = {"robust_accuracy": float(ra["robust"].double().mean()), "n": st.n_aa, "flags": flags,
-                      "eps": eps, "version": "standard"}
-                times["autoattack"] = float(sum(ra["chunk_t"]))
+                aa = _run_autoattack(aa_cls, model, x[:st.n_aa], y[:st.n_aa], eps, ctx.seed, st.chunk)
+                times["autoattack"] = aa["seconds"]
                 counts["autoattack"] = st.n_aa
                 aa_pts[me.label] = (eps, aa["robust_accuracy"])
             except Exception as e:  # report, do not hide
@@ -287,12 +326,14 @@ def robustness(ctx: Context) -> Section:
     rows.append([f"C&W-L2 mean L2 (successful, first {st.n_cw} points)"] + [_num(results[l]["cw_l2"]["mean_l2"]) for l in labels])
     rows.append(["C&W-L2 success rate"] + [_pct(results[l]["cw_l2"]["success_rate"]) for l in labels])
     sec.table(headers, rows, f"{n} evaluation images of {ctx.bundle.name}; pixels in [0, 1], L-inf budgets in pixel units.")
+    for line in _observations(results, labels, st, eps):
+        sec.text(line)
     path = ctx.fig("robustness_curves.png", figures.fgsm_curves, curves, pgd=pgd_pts, autoattack=aa_pts or None)
     sec.figure(path, "FGSM accuracy for each eps (the whole curve from one input gradient per batch, fused "
                      "fgsm_step op); squares: PGD, crosses: AutoAttack at the attack budget.")
     # AutoAttack status and flags
     if aa_cls is None:
-        sec.note(f"AutoAttack: not available in this installation ({aa_why}); the row above says so.")
+        sec.note(f"AutoAttack: not available ({aa_why}); the table says so.")
     else:
         for l in labels:
             a = results[l]["autoattack"]
@@ -359,6 +400,7 @@ def fragile(ctx: Context) -> Section:
         t_filter = time.perf_counter() - t0
         panels[me.label] = {"clean": res.clean_accuracy.tolist(), "adv": res.adversarial_accuracy.tolist(),
                             "adv_eps": fgsm_eps, "baseline": res.baseline_accuracy,
+                            "adv_baseline": res.baseline_adversarial_accuracy,
                             "fragile": split.fragile.tolist(), "null": split.null.tolist(), "layer": name}
         tlines[me.label] = (tgt.eps.tolist(), tgt.percentage.tolist())
         results[me.label] = {
@@ -437,9 +479,11 @@ def detection(ctx: Context) -> Section:
     names = ("RelevantNeuronDetector", "FeatureSqueezingDetector", "NICDetector", "evaluate_detector")
     if det_mod is not None and not all(hasattr(det_mod, k) for k in names):
         missing = [k for k in names if not hasattr(det_mod, k)]
-        det_mod, why = None, f"robustops.detect does not provide {', '.join(missing)} yet (issue 10)"
+        det_mod, why = None, f"robustops.detect in this installation does not provide {', '.join(missing)} yet"
+    elif det_mod is None:
+        why = f"robustops.detect does not import in this installation ({why})"
     if det_mod is None:
-        sec.status, sec.message = "missing", f"robustops.detect is not available in this installation ({why})."
+        sec.status, sec.message = "missing", f"{why}; this section needs it."
         for me in ctx.models:
             sec.put(me.label, "detector ROC-AUC (ours / FS / NIC)", "missing")
         sec.data = {"missing": why}
@@ -455,15 +499,17 @@ def detection(ctx: Context) -> Section:
         model = me.model
         tr = _fgsm_sets(model, x_tr, y_tr, eps, st.chunk, f"detector train set {me.label}")
         te = _fgsm_sets(model, x_te, y_te, eps, st.chunk, f"detector test set {me.label}")
-        # clean: correctly classified images; adversarial: successful attacks on them
-        m_tr = tr["clean_ok"] & ~tr["adv_ok"]
+        # training: the correctly classified images and their FGSM examples, paired (the detectors keep
+        # the pairs whose attack succeeded); test: correctly classified images vs successful attacks
+        ok_tr = tr["clean_ok"]
+        xc_tr, xa_tr = x_tr[ok_tr], tr["x_adv"][ok_tr].to(ctx.device)
+        n_adv_tr = int((ok_tr & ~tr["adv_ok"]).sum())
         m_te = te["clean_ok"] & ~te["adv_ok"]
-        xc_tr, xa_tr = x_tr[tr["clean_ok"]], tr["x_adv"][m_tr].to(ctx.device)
         xc_te, xa_te = x_te[te["clean_ok"]], te["x_adv"][m_te].to(ctx.device)
-        info = {"fgsm_eps": eps, "n_train_clean": int(xc_tr.shape[0]), "n_train_adv": int(xa_tr.shape[0]),
+        info = {"fgsm_eps": eps, "n_train_clean": int(xc_tr.shape[0]), "n_train_adv": n_adv_tr,
                 "n_test_clean": int(xc_te.shape[0]), "n_test_adv": int(xa_te.shape[0]), "detectors": {}}
-        if xa_tr.shape[0] < 2 or xa_te.shape[0] < 2:
-            sec.note(f"{me.label}: FGSM eps {eps:g} succeeded on too few images ({xa_tr.shape[0]} / "
+        if n_adv_tr < 2 or xa_te.shape[0] < 2:
+            sec.note(f"{me.label}: FGSM eps {eps:g} succeeded on too few images ({n_adv_tr} / "
                      f"{xa_te.shape[0]}) to train and test detectors.")
             results[me.label] = info
             continue
@@ -514,8 +560,9 @@ def detection(ctx: Context) -> Section:
         results[me.label] = info
         sec.put(me.label, "detector ROC-AUC (ours / FS / NIC)", " / ".join(aucs))
     sec.table(["model", "detector", "accuracy", "TPR", "FPR", "ROC-AUC", "notes", "fit time"], rows,
-              f"FGSM eps {eps:g}; trained on the first {ntr} training images (correctly classified) and their "
-              f"successful FGSM examples, tested on the evaluation images.")
+              f"FGSM eps {eps:g}; trained on the first {ntr} training images (those classified correctly) and "
+              f"their successful FGSM examples; tested on the evaluation images (correctly classified ones vs "
+              f"successful FGSM examples). TPR/FPR at each detector's own threshold.")
     path = ctx.fig("detection_roc.png", figures.roc_curves, rocs) if any(rocs.values()) else None
     sec.figure(path, "ROC curves of the three detectors on the held-out images.")
     sec.data = {"models": results}
@@ -567,9 +614,11 @@ def explanations(ctx: Context) -> Section:
     need = ("lrp", "gradcam", "lrp_signatures", "project")
     if xai is not None and not all(hasattr(xai, k) for k in need):
         missing = [k for k in need if not hasattr(xai, k)]
-        xai, why = None, f"robustops.xai does not provide {', '.join(missing)} yet (issue 11)"
+        xai, why = None, f"robustops.xai in this installation does not provide {', '.join(missing)} yet"
+    elif xai is None:
+        why = f"robustops.xai does not import in this installation ({why})"
     if xai is None:
-        sec.status, sec.message = "missing", f"robustops.xai is not available in this installation ({why})."
+        sec.status, sec.message = "missing", f"{why}; this section needs it."
         sec.data = {"missing": why}
         return sec
     from robustops.attacks import fgsm
@@ -577,9 +626,11 @@ def explanations(ctx: Context) -> Section:
     x, y = ctx.eval_xy()
     eps = st.det_eps
     umap_ok = _optional("umap")[0] is not None
-    method = "umap" if umap_ok else "pca"
+    method = "umap" if umap_ok and not st.quick else "pca"
     if not umap_ok:
         sec.note("umap-learn is not installed (the [xai] extra): the signature map below uses PCA instead.")
+    elif st.quick:
+        sec.note("Quick settings: the signature map uses PCA (UMAP's first call compiles for tens of seconds).")
     panels, results = {}, {}
     for me in ctx.models:
         model = me.model
@@ -622,7 +673,7 @@ def explanations(ctx: Context) -> Section:
                 info["gradcam_channels"] = [c[0] for c in cams]
             safe = "".join(ch if ch.isalnum() else "_" for ch in me.label)
             path = ctx.fig(f"explain_heatmaps_{safe}.png", figures.heatmap_grid, rows, cols,
-                           f"{me.label}: FGSM eps {eps:g}, row label = true: clean -> adversarial prediction")
+                           title=f"{me.label}: FGSM eps {eps:g}, row label = true: clean -> adversarial prediction")
             sec.figure(path, f"{me.label}: LRP (preset A flat) and single-neuron Grad-CAM, clean vs adversarial; "
                              f"each clean/adversarial pair shares one colour scale.")
         else:

@@ -169,8 +169,11 @@ def speed_records(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, compact
         from robustops.nn import CompactConv2d
 
         conv = next((m for m in compact_model.modules() if isinstance(m, CompactConv2d)), None)
+    # fgsm_step on a batch of >= 256k values (small images: more of them), the others on 256 images
+    nf = max(n, (1 << (16 if quick else 18)) // max(1, x[0].numel()))
+    xf = x.repeat((nf + x.shape[0] - 1) // x.shape[0], *([1] * (x.dim() - 1)))[:nf].contiguous()
     records = []
-    for fn in (lambda: _fgsm_step(xb, rounds, min_time),
+    for fn in (lambda: _fgsm_step(xf, rounds, min_time),
                lambda: _curve(model, xb, yb, rounds, min_time),
                lambda: _compact_conv(xb, conv, rounds, min_time),
                lambda: _kernel_dropout(model, xb, yb, rounds, min_time)):
