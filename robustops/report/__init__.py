@@ -24,7 +24,7 @@ import torch
 
 from . import figures, html
 from ._inputs import DATA_CHOICES, UsageError, build_models, load_data, prepare_out
-from ._shard import broadcast_module, is_main, set_progress, world
+from ._shard import broadcast_module, is_main, progress_enabled, set_progress, world
 from .sections import SECTIONS, Context, Section, Settings, run_section
 
 __all__ = ["generate", "ReportResult", "UsageError", "SECTION_NAMES", "DATA_CHOICES"]
@@ -120,7 +120,7 @@ def generate(*, data: str = "digits", root: Optional[str] = None, model: Optiona
     bundle = load_data(data, root, train_limit=train_limit if train_limit is not None else d_train,
                        test_limit=limit if limit is not None else d_test, seed=seed)
     entries = build_models(bundle, arch=model, weights=weights, torchscript=torchscript, device=dev, seed=seed,
-                           epochs=epochs or d_epochs, twin=twin, progress=bool(progress) and is_main())
+                           epochs=epochs or d_epochs, twin=twin, progress=progress_enabled())
     log(f"data: {bundle.describe()}")
     for me in entries:
         broadcast_module(me.model)   # under torchrun every rank evaluates rank 0's weights

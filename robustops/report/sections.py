@@ -738,6 +738,11 @@ def speed(ctx: Context) -> Section:
     sec.table(["op", "shape", "compiled path", "time", "eager reference", "time", "speed-up"], rows,
               f"Median per call; {torch.get_num_threads()} threads; load average before/after: {load_before} / "
               f"{load_after}.")
+    cpus = os.cpu_count() or 1
+    if load_before and max(load_before[0], (load_after or [0])[0]) > cpus:
+        sec.note(f"The machine was busy during this run (load average {max(load_before[0], (load_after or [0])[0]):.1f} "
+                 f"on {cpus} CPUs): other processes slow both sides unevenly, so these ratios are noisy. "
+                 f"Re-run `robustops bench` on an idle machine for figures to quote.")
     path = ctx.fig("speed.png", figures.speedups, recs)
     sec.figure(path, "Speed-up of each compiled path over its eager reference in this run.")
     for r in recs:
