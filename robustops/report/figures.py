@@ -216,7 +216,7 @@ def dropout_panels(per_model: Dict[str, dict], path: str) -> str:
             lo = max(0.0, adv.min() - 5)
             ax.set_ylim(lo, min(100.0, max(adv.max(), 100 * (p.get("adv_baseline") or 0)) + 3))
             ax.set_ylabel(f"FGSM eps {p['adv_eps']:g} accuracy (%)")
-            ax.legend(fontsize=6.5, loc="lower left")
+            ax.legend(fontsize=6.5, loc="upper right", framealpha=0.9, frameon=True)
         ax.set_xlabel(f"kernel of {p['layer']} removed (blue: S, dark: S')")
     fig.tight_layout()
     return _save(fig, path)

@@ -380,7 +380,7 @@ def fragile(ctx: Context) -> Section:
     held = (ctx.bundle.x_train[-nh:].to(ctx.device), ctx.bundle.y_train[-nh:].to(ctx.device))
     fgsm_eps = st.attack_eps
     panels, tlines, results = {}, {}, {}
-    rows_split, rows_filter = [], []
+    rows_split, rows_filter, notes_filter = [], [], []
     for me in ctx.models:
         model = me.model
         try:
@@ -425,6 +425,18 @@ def fragile(ctx: Context) -> Section:
                             _pct(rep.adversarial_accuracy_before), _pct(rep.adversarial_accuracy_after),
                             _pct(rep.adversarial_accuracy_after_transfer),
                             f"{rep.eps_noise:.3g}" if rep.eps_noise is not None else "n/a", f"{rep.alpha:.3f}"])
+        if (rep.clean_accuracy_before == rep.clean_accuracy_after
+                and rep.adversarial_accuracy_before == rep.adversarial_accuracy_after):
+            notes_filter.append(f"{me.label}: the SVD filter left clean and FGSM accuracy unchanged (threshold tau "
+                                f"{rep.tau:.3g}, amplification {rep.alpha:.3f}): on this layer and data the defence has no measurable effect.")
+        elif rep.adversarial_accuracy_after > rep.adversarial_accuracy_before:
+            notes_filter.append(f"{me.label}: the SVD filter raised FGSM accuracy by "
+                                f"{100 * (rep.adversarial_accuracy_after - rep.adversarial_accuracy_before):.1f} points "
+                                f"at a clean-accuracy cost of "
+                                f"{100 * (rep.clean_accuracy_before - rep.clean_accuracy_after):.1f} points.")
+        else:
+            notes_filter.append(f"{me.label}: the SVD filter did not help against white-box FGSM "
+                                f"({_pct(rep.adversarial_accuracy_before)} -> {_pct(rep.adversarial_accuracy_after)}).")
         sec.put(me.label, "fragile S / null S'", f"{split.fragile.numel()} / {split.null.numel()}")
         sec.put(me.label, f"SVD filter: FGSM acc. @ {fgsm_eps:g}",
                 f"{_pct(rep.adversarial_accuracy_before)} -> {_pct(rep.adversarial_accuracy_after)}")
@@ -441,6 +453,8 @@ def fragile(ctx: Context) -> Section:
                "after (transfer)", "noise level", "amplification alpha"], rows_filter,
               "SVD filter of S' (clamp, threshold from a noise level searched on held-out training images) "
               "and amplification of S.")
+    for line in notes_filter:
+        sec.text(line)
     sec.data = {"models": results}
     return sec
 
@@ -699,7 +713,11 @@ def explanations(ctx: Context) -> Section:
         cls = torch.cat([ys.cpu(), ys.cpu()])
         t_sig = time.perf_counter() - t0
         t0 = time.perf_counter()
-        emb = torch.as_tensor(xai.project(sig, method=method, seed=ctx.seed)).double()
+        try:  # spread the clusters so that clean and attacked points stay visible
+            emb = xai.project(sig, method=method, seed=ctx.seed, **({"min_dist": 0.5} if method == "umap" else {}))
+        except TypeError:
+            emb = xai.project(sig, method=method, seed=ctx.seed)
+        emb = torch.as_tensor(emb).double()
         t_proj = time.perf_counter() - t0
         panels[me.label] = {"emb": emb.numpy(), "cls": cls.numpy(), "kind": kind.numpy(), "method": method.upper()}
         info.update(signatures=ns * 2, signature_dim=int(sig.shape[1]), projection=method,
