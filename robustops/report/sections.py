@@ -482,6 +482,29 @@ def _scores(det, x, chunk, desc):
     return r["s"]
 
 
+def _can_shard_features(det_mod, det) -> bool:
+    return all(hasattr(det_mod, k) for k in ("neuron_features", "extract")) and hasattr(det, "fit_features") \
+        and hasattr(det, "layer_names") and hasattr(det, "normalize")
+
+
+def _fit_sharded(det_mod, det, model, x_clean, x_adv, chunk):
+    """The relevant-neuron detector's fit with its neuron features (one forward per image, the
+    expensive part) computed in chunks spread over the torchrun ranks; the mu-Lasso and the forest
+    then run on the gathered features, identically on every rank."""
+    probe = det_mod.extract(model, x_clean[:1], det.layer_names, det.normalize, name="x_clean")
+
+    def fn(ci, s, e):
+        fc, lc = det_mod.neuron_features(model, x_clean[s:e], det.layer_names, det.normalize, return_logits=True)
+        fa, la = det_mod.neuron_features(model, x_adv[s:e], det.layer_names, det.normalize, return_logits=True)
+        return {"fc": fc.float(), "pc": lc.argmax(1), "fa": fa.float(), "pa": la.argmax(1)}
+
+    r = map_chunks(fn, x_clean.shape[0], chunk, desc="detector features")
+    num_classes = getattr(probe, "num_classes", None) or int(model(x_clean[:1]).shape[1])
+    det.fit_features(r["fc"], r["pc"], r["fa"], r["pa"], num_classes=num_classes, only_successful=True,
+                     layer_sizes=getattr(probe, "sizes", None), sample_shape=getattr(probe, "sample_shape", None))
+    return det
+
+
 def detection(ctx: Context) -> Section:
     st = ctx.settings
     sec = Section("detection", "3. Detecting adversarial inputs",
@@ -536,7 +559,11 @@ def detection(ctx: Context) -> Section:
         for dname, make in dets:
             try:
                 t0 = time.perf_counter()
-                det = make().fit(xc_tr, xa_tr)
+                det = make()
+                if dname.startswith("relevant") and _can_shard_features(det_mod, det):
+                    _fit_sharded(det_mod, det, model, xc_tr, xa_tr, st.chunk)
+                else:
+                    det.fit(xc_tr, xa_tr)
                 t_fit = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 ev = det_mod.evaluate_detector(det, xc_te, xa_te)
