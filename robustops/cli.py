@@ -96,12 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_parts() -> dict:
     import importlib
+    import importlib.util
 
     parts = {}
     for label, mod, attr in (("robustops.detect", "robustops.detect", "RelevantNeuronDetector"),
                              ("robustops.xai", "robustops.xai", "lrp"),
                              ("AutoAttack", "robustops.attacks", "AutoAttack"),
                              ("umap-learn", "umap", None), ("matplotlib", "matplotlib", None), ("tqdm", "tqdm", None)):
+        if attr is None:  # third-party: installed or not (importing umap compiles for seconds)
+            parts[label] = importlib.util.find_spec(mod) is not None
+            continue
         try:
             m = importlib.import_module(mod)
             parts[label] = bool(attr is None or hasattr(m, attr))
