@@ -175,8 +175,20 @@ def _inplace_consumers(root: nn.Module, converted: set) -> List[Tuple[str, str, 
     """``(layer name, consumer description, consumer module or None)`` for in-place consumers of
     the converted layers' outputs."""
     found = []
+
+    class _Tracer(torch.fx.Tracer):
+        # compact layers are leaves: tracing into them would run their checks (and the user's
+        # hooks) on proxies
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return id(m) in converted or isinstance(m, (CompactConv2d, CompactLinear)) \
+                or super().is_leaf_module(m, qualname)
+
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in root.modules() if id(m) not in converted)
     try:
-        gm = torch.fx.symbolic_trace(root)
+        if hooked:  # tracing would call those hooks with proxies: use the structural scan instead
+            raise RuntimeError("hooks")
+        graph = _Tracer().trace(root)
+        gm = torch.fx.GraphModule(root, graph)
     except Exception:  # noqa: BLE001 - untraceable: look at Sequential neighbours only
         for pname, parent in root.named_modules():
             if isinstance(parent, nn.Sequential):
