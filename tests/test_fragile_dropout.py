@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustops.fragile import (EmptyDatasetError, LayerNotFoundError, MemoryBudgetError, NotAConvLayerError,
+from robustops.fragile import (EmptyDatasetError, LayerNotFoundError, MemoryBudgetError, NotAConvLayerError, ablated_copy,
                                kernel_dropout, kernel_dropout_naive, taylor_importance, variant_logits)
 from robustops.models import papernot_mnist, resnet18
 
@@ -360,3 +360,15 @@ def test_batch_mixing_untraceable_model_uses_hook_path_per_variant():
     ref_acc, _ = _hand_zeroed(model, "net.0", x, y)
     assert res.method == "hook" and res.extra["per_variant"]
     assert torch.equal(res.clean_accuracy, ref_acc)
+
+
+def test_ablated_copy_checks_kernel_indices(mnist_setup):
+    from robustops.fragile import SplitIndexError
+
+    model, x, y = mnist_setup
+    c = ablated_copy(model, "conv1", [0, 31])
+    assert c.conv1.weight[[0, 31]].abs().sum() == 0 and c.conv1.bias[[0, 31]].abs().sum() == 0
+    assert torch.equal(c.conv1.weight[1:31], model.conv1.weight[1:31])
+    for bad in ([-1], [32], [1.5]):
+        with pytest.raises(SplitIndexError, match="kernels"):
+            ablated_copy(model, "conv1", bad)

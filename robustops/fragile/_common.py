@@ -107,7 +107,8 @@ def checked_pair(data, batch_size: int = 1024, lo: float = 0.0, hi: float = 1.0,
     return x, y
 
 
-def split_indices(split, num_kernels: int, layer_name: str = "layer", require_fragile: bool = True
+def split_indices(split, num_kernels: int, layer_name: str = "layer", require_fragile: bool = True,
+                  require_null: bool = True, labels: Tuple[str, str] = ("S (fragile)", "S' (null)")
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(S, S')`` as int64 index tensors, checked against the layer's ``num_kernels``.
 
@@ -129,7 +130,7 @@ def split_indices(split, num_kernels: int, layer_name: str = "layer", require_fr
         if len(parts) != 2:
             raise TypeError(f"split must be a FragileSplit or a (fragile, null) pair, got {len(parts)} items")
     out = []
-    for label, part in zip(("S (fragile)", "S' (null)"), parts):
+    for label, part in zip(labels, parts):
         t = part if isinstance(part, torch.Tensor) else torch.as_tensor(list(part) if not isinstance(part, int)
                                                                            else [part])
         if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
@@ -147,7 +148,7 @@ def split_indices(split, num_kernels: int, layer_name: str = "layer", require_fr
     both = set(s.tolist()) & set(sn.tolist())
     if both:
         raise SplitIndexError(f"kernels {sorted(both)} are in both S and S'")
-    if sn.numel() == 0 or (require_fragile and s.numel() == 0):
+    if (require_null and sn.numel() == 0) or (require_fragile and s.numel() == 0):
         raise EmptySplitError(f"S' must be non-empty{' and so must S' if require_fragile else ''}, "
                               f"got |S|={s.numel()}, |S'|={sn.numel()}")
     return s, sn

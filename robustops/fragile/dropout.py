@@ -40,7 +40,7 @@ from .._checks import as_logits, check_images, check_labels, check_nonneg
 from .._gradients import input_gradient
 from .._guard import frozen_model, model_device
 from ._common import (LayerLike, bounds, check_batch_size, checked_batches, checked_pair, conv_layer_names,
-                      normal_tensor, public_entry, resolve_layer, spearman)
+                      normal_tensor, public_entry, resolve_layer, spearman, split_indices)
 from .errors import EmptyDatasetError, MemoryBudgetError
 
 __all__ = ["KernelDropoutResult", "kernel_dropout", "kernel_dropout_naive", "variant_logits",
@@ -908,7 +908,14 @@ def variant_logits(model: nn.Module, layer: LayerLike, x: torch.Tensor, *, memor
 # the naive reference: C model copies, one at a time
 # ---------------------------------------------------------------------------------------------
 def ablated_copy(model: nn.Module, layer_name: str, kernels) -> nn.Module:
-    """A deep copy of ``model`` with the given kernels (weights and bias) of ``layer_name`` zeroed."""
+    """A deep copy of ``model`` with the given kernels (weights and bias) of ``layer_name`` zeroed.
+
+    ``kernels``: integer indices in ``[0, C)`` (``SplitIndexError`` otherwise: ``-1`` does not
+    wrap to the last kernel)."""
+    name, conv = resolve_layer(model, layer_name)
+    kernels, _ = split_indices((kernels, []), conv.out_channels, name, require_fragile=False, require_null=False,
+                              labels=("kernels", "-"))
+    layer_name = name
     with torch.inference_mode(False):
         m = copy.deepcopy(model)
         conv = m.get_submodule(layer_name)
