@@ -658,3 +658,14 @@ def test_vgg11_mean_subtraction_inside_the_model():
         vgg11(std=0.0)
     with pytest.raises(ValueError, match="Normalize expects"):
         Normalize(0.5, channels=3)(torch.rand(2, 1, 8, 8))
+
+
+def test_train_and_evaluate_refuse_list_inputs():
+    model = small_cnn()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    before = _state(model)
+    with pytest.raises(TypeError, match="tensors"):
+        train(model, [x.tolist(), y])
+    with pytest.raises(TypeError, match="tensors"):
+        evaluate(model, (x.tolist(), y.tolist()))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

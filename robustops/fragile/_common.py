@@ -8,7 +8,7 @@ which leaves ``torch.inference_mode`` for the call so that results equal a plain
 from __future__ import annotations
 
 import functools
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn

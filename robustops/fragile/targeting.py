@@ -8,7 +8,7 @@ the mean distance over the fragile kernels S exceeds the mean over the null kern
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn

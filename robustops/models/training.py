@@ -130,6 +130,9 @@ def _check_loader(loader, name: str) -> None:
 def _split_batch(batch, name: str) -> TensorPair:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise TypeError(f"{name} must yield (x, y, ...) tuples or lists, got {type(batch).__name__}")
+    if not isinstance(batch[0], torch.Tensor) or not isinstance(batch[1], torch.Tensor):
+        raise TypeError(f"{name} must yield tensors (x, y, ...), got ({type(batch[0]).__name__}, "
+                        f"{type(batch[1]).__name__}); an (x, y) pair must hold tensors, not lists")
     return batch[0], batch[1]
 
 

@@ -14,7 +14,7 @@ dataset statistics instead.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch.nn as nn
 
