@@ -372,3 +372,73 @@ def test_ablated_copy_checks_kernel_indices(mnist_setup):
     for bad in ([-1], [32], [1.5]):
         with pytest.raises(SplitIndexError, match="kernels"):
             ablated_copy(model, "conv1", bad)
+
+
+class _TorchvisionStyleResNet(nn.Module):
+    """torchvision's BasicBlock pattern: one shared ReLU(inplace=True) and ``out += identity``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.b_conv1 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.b_bn1 = nn.BatchNorm2d(6)
+        self.b_conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.b_bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        identity = x
+        out = self.relu(self.b_bn1(self.b_conv1(x)))
+        out = self.b_bn2(self.b_conv2(out))
+        out += identity
+        out = self.relu(out)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+@pytest.mark.parametrize("layer", ["conv1", "b_conv1", "b_conv2"])
+def test_torchvision_style_residual_inplace_exact(layer):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11)
+    model = _TorchvisionStyleResNet().double()
+    _randomise_bn(model, gen)
+    x = torch.rand(24, 1, 8, 8, dtype=torch.float64)
+    y = _labels(model, model.fc, x)
+    snap, flags = _checksum(model), _flags(model)
+    res = kernel_dropout(model, layer, (x, y))
+    ref_acc, ref_loss = _hand_zeroed(model, layer, x, y)
+    assert torch.equal(res.clean_accuracy, ref_acc)
+    torch.testing.assert_close(res.clean_loss, ref_loss, rtol=1e-10, atol=1e-10)
+    assert _same(model, snap) and _flags(model) == flags
+
+
+def test_value_changed_in_place_before_a_replayed_layer_reads_it():
+    """A value from before L is changed in place and then read by a layer after L: the replay
+    cannot reproduce what that layer saw, so the call takes the exact hook path."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            a = self.pre(x)
+            h = torch.tanh(self.conv(x))
+            a.mul_(2.0)               # a changed in place (not a descendant of conv) ...
+            out = self.conv2(h) + a   # ... before this replayed node reads it
+            return self.fc(out.flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.rand(20, 1, 8, 8, dtype=torch.float64)
+    y = _labels(model, model.fc, x)
+    res = kernel_dropout(model, "conv", (x, y))
+    ref_acc, ref_loss = _hand_zeroed(model, "conv", x, y)
+    assert res.method == "hook"
+    assert torch.equal(res.clean_accuracy, ref_acc)
+    torch.testing.assert_close(res.clean_loss, ref_loss, rtol=1e-10, atol=1e-10)
