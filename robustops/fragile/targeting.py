@@ -59,7 +59,6 @@ def adversarial_targeting(
     Args:
         model: the classifier (not modified). FGSM is white-box against this model.
         layer: the conv layer L (name or module).
-        data: DataLoader or ``(x, y)`` pair.
         data: DataLoader or ``(x, y)`` pair; x finite in ``[lo, hi]``, y integer labels.
         eps: one or more FGSM step sizes in input units (all from one gradient per batch).
         split: a :class:`FragileSplit` or ``(S, S')`` index lists (checked: integers in
