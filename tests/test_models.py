@@ -669,3 +669,17 @@ def test_train_and_evaluate_refuse_list_inputs():
     with pytest.raises(TypeError, match="tensors"):
         evaluate(model, (x.tolist(), y.tolist()))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_train_under_no_grad_or_inference_mode_equals_plain(mode):
+    x, y = torch.rand(24, 1, 8, 8), torch.randint(0, 10, (24,)).int()
+    ref, got = small_cnn(), small_cnn()
+    got.load_state_dict(ref.state_dict())
+    h_ref = train(ref, (x, y), epochs=1, batch_size=8, seed=0)
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        h_got = train(got, (x, y), epochs=1, batch_size=8, seed=0)
+        assert evaluate(got, (x, y)) == evaluate(ref, (x, y))
+    assert h_ref["loss"] == h_got["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), got.state_dict().values()))

@@ -93,6 +93,14 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
         return as_logits(model(x[:1]), 1, check_finite=False).shape[1]
 
 
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """A normal copy of an inference tensor (autograd cannot save inference tensors)."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
+
+
 def _enter_train_mode(model: nn.Module) -> None:
     """Training mode for the model, except submodules the user put in eval mode inside a model in
     training mode (frozen batch norms). A model passed entirely in eval mode is trained whole."""
@@ -243,6 +251,9 @@ def train(
         not one logits tensor -> ``ValueError``); ``FloatingPointError`` if the loss becomes NaN
         or infinite (lower ``lr``).
 
+    Works when called under ``torch.no_grad()`` or ``torch.inference_mode()`` (autograd is turned
+    on for the training steps; the model must not have been *built* under inference mode).
+
     Modes: a model in training mode is trained with every submodule's flag as the user set it
     (submodules in eval mode, e.g. frozen batch norms, stay in eval mode and keep their running
     statistics); a model in eval mode is put in training mode whole. Flags are restored on return.
@@ -323,7 +334,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=lr_gamma) if milestones else None
 
     history: Dict[str, List[float]] = {"loss": [], "accuracy": [], "lr": [], "time": []}
-    with _preserve_modes(model):
+    # Training needs autograd whatever the caller's mode (no_grad / inference_mode around the call)
+    with _preserve_modes(model), torch.inference_mode(False), torch.enable_grad():
         _enter_train_mode(model)
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
@@ -341,7 +353,7 @@ def train(
                     num_classes = _num_classes(model, x[:1].to(dev))
                 # labels checked before the forward pass that would update batch-norm buffers
                 y = _checked_targets(y, n, "loader", num_classes)
-                x, y = x.to(dev), y.to(dev)
+                x, y = _normal(x.to(dev)), _normal(y.to(dev))
                 opt.zero_grad(set_to_none=True)
                 logits = as_logits(model(x), n, check_finite=False)
                 loss = criterion(logits, y)
