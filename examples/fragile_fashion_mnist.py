@@ -1,6 +1,7 @@
 """Fragile kernels on Fashion-MNIST (Pravin et al. 2021): Fig. 1, Algorithm 1, and the SVD defence.
 
     python examples/fragile_fashion_mnist.py [--out docs/fragile] [--train 10000] [--epochs 2]
+    python examples/fragile_fashion_mnist.py --dataset mnist --root DIR   # MNIST IDX files in DIR
 
 For two briefly trained models - Papernot's MNIST net and ResNet-18 with the MNIST stem at
 width 0.25 (16 first-layer kernels, for CPU speed) - this
@@ -83,7 +84,7 @@ def study(name, model, xtr, ytr, xte, yte, xho, yho, args, out):
         from robustops.fragile.plots import plot_kernel_performance, plot_targeting
 
         plot_kernel_performance(res, os.path.join(out, f"{name}_fig1.png"), split=split,
-                                title=f"{name}: one-kernel dropout of conv1 (Fashion-MNIST)")
+                                title=f"{name}: one-kernel dropout of conv1 ({args.dataset})")
         plot_targeting({"original": clamp_targets[0], "filtered (clamp)": clamp_targets[1]},
                        os.path.join(out, f"{name}_targeting.png"), log_eps=True,
                        title=f"{name}: Alg. 1 before/after the filter")
@@ -111,11 +112,15 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--fgsm-eps", type=float, default=0.05)
     p.add_argument("--models", nargs="+", default=["papernot", "resnet18"])
+    p.add_argument("--dataset", choices=["fashion-mnist", "mnist"], default="fashion-mnist",
+                   help="the verdict differs per dataset (docs/fragile_kernels.md)")
+    p.add_argument("--root", default=None, help="directory of the IDX files (default: the loader's search path)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    xtr, ytr = data.as_tensors(data.load("fashion-mnist", split="train", limit=args.train))
-    xall, yall = data.as_tensors(data.load("fashion-mnist", split="test", limit=1500))
+    kw = {} if args.root is None else {"root": args.root}
+    xtr, ytr = data.as_tensors(data.load(args.dataset, split="train", limit=args.train, **kw))
+    xall, yall = data.as_tensors(data.load(args.dataset, split="test", limit=1500, **kw))
     xte, yte = xall[:1000], yall[:1000]
     xho, yho = xall[1000:1500], yall[1000:1500]
     results = {"config": vars(args)}
@@ -125,7 +130,8 @@ def main(argv=None):
         model = papernot_mnist() if name == "papernot" else resnet18(stem="mnist", width=0.25)
         results[name] = study(name, model, xtr, ytr, xte, yte, xho, yho, args, args.out)
     results["total_seconds"] = time.perf_counter() - t0
-    path = os.path.join(args.out, f"results_{'_'.join(args.models)}.json")
+    prefix = "" if args.dataset == "fashion-mnist" else f"{args.dataset}_"
+    path = os.path.join(args.out, f"results_{prefix}{'_'.join(args.models)}.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
     print(f"total {results['total_seconds']:.0f} s; wrote {path}")

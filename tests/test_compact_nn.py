@@ -230,3 +230,144 @@ def test_torch_compile_fullgraph():
     compiled(x).sum().backward()
     assert model[0].alpha.grad is not None and torch.isfinite(model[0].alpha.grad)
     del g_eager
+
+
+# --------------------------------------------------------------------------------------------
+# compactify: what carries over (issue 9.7)
+# --------------------------------------------------------------------------------------------
+def test_compactify_copies_every_requires_grad():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 3 * 3, 4))
+    model[0].bias.requires_grad_(False)        # frozen bias
+    model[3].weight.requires_grad_(False)      # frozen weight, trainable bias
+    new = compactify(model)
+    assert new[0].weight.requires_grad and not new[0].bias.requires_grad
+    assert not new[3].weight.requires_grad and new[3].bias.requires_grad
+    assert model[0].bias.requires_grad is False  # the original is untouched
+
+
+def test_compactify_converts_shared_modules_once():
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    head = nn.Linear(3 * 4 * 4, 5)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.ReLU(), nn.Sequential(nn.Flatten(), head))
+    model.extra = nn.Sequential(head)  # the head is reachable from two parents
+    new = compactify(model)
+    assert new[0] is new[2] and isinstance(new[0], CompactConv2d)
+    assert new[4][1] is new.extra[0] and isinstance(new.extra[0], CompactLinear)
+    # parameters: the original's plus one alpha per unique converted layer (not one copy per use)
+    assert sum(p.numel() for p in new.parameters()) == sum(p.numel() for p in model.parameters()) + 2
+    x = torch.rand(2, 3, 4, 4)
+    ref = compactify(shared)(x)
+    torch.testing.assert_close(new[2](new[0](x)), compactify(shared)(ref))
+
+
+def test_compactify_keeps_hooks():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 3 * 3, 4))
+    calls = []
+    model[0].register_forward_pre_hook(lambda m, inp: calls.append(("pre", type(m).__name__)))
+    model[0].register_forward_hook(lambda m, inp, out: calls.append(("fwd", type(m).__name__)))
+    model[2].register_forward_hook(lambda m, inp, out: out * 2)  # a hook that changes the output
+    model[2].register_full_backward_hook(lambda m, gin, gout: calls.append(("bwd", type(m).__name__)))
+    new = compactify(model)
+    x = torch.rand(2, 1, 5, 5)
+    out = new(x)
+    plain = new[2].forward(new[1](new[0].forward(x)))
+    torch.testing.assert_close(out, plain * 2)
+    out.sum().backward()
+    assert calls == [("pre", "CompactConv2d"), ("fwd", "CompactConv2d"), ("bwd", "CompactLinear")]
+
+
+def test_compactify_subclasses_warn_or_convert():
+    class MyConv(nn.Conv2d):
+        pass
+
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(MyConv(1, 2, 3), nn.Flatten(), MyLinear(18, 3))
+    with pytest.warns(UserWarning) as rec:
+        new = compactify(model)
+    messages = [str(r.message) for r in rec]
+    assert any("MyConv is a subclass of nn.Conv2d" in m for m in messages)
+    assert any("MyLinear is a subclass of nn.Linear" in m for m in messages)
+    assert type(new[0]) is MyConv and type(new[2]) is MyLinear
+    converted = compactify(model, subclasses=True)
+    assert isinstance(converted[0], CompactConv2d) and isinstance(converted[2], CompactLinear)
+    torch.testing.assert_close(converted[0].weight, model[0].weight)
+
+
+def test_compactify_weight_normed_convs():
+    from torch.nn.utils.parametrizations import weight_norm
+    from torch.nn.utils import parametrize
+
+    conv = weight_norm(nn.Conv2d(2, 3, 3))
+    with torch.no_grad():
+        conv.parametrizations.weight.original1.mul_(3.0)  # v not unit-norm: g and v both matter
+    new = compactify(nn.Sequential(conv))[0]
+    assert isinstance(new, CompactConv2d) and parametrize.is_parametrized(new, "weight")
+    torch.testing.assert_close(new.parametrizations.weight.original0, conv.parametrizations.weight.original0)
+    torch.testing.assert_close(new.parametrizations.weight.original1, conv.parametrizations.weight.original1)
+    x = torch.rand(2, 2, 5, 5)
+    torch.testing.assert_close(new(x), conv_reference(x, conv.weight, conv.bias, 1, 0, 1, 1, 1.0, 0.01))
+    new(x).sum().backward()
+    assert new.parametrizations.weight.original0.grad is not None  # g and v stay the trained tensors
+
+    with pytest.warns(FutureWarning):
+        legacy = torch.nn.utils.weight_norm(nn.Conv2d(2, 3, 3))
+    new2 = compactify(nn.Sequential(legacy))[0]
+    assert isinstance(new2, CompactConv2d)
+    torch.testing.assert_close(new2.weight_g, legacy.weight_g)
+    torch.testing.assert_close(new2.weight_v, legacy.weight_v)
+    torch.testing.assert_close(new2(x), conv_reference(x, legacy.weight, legacy.bias, 1, 0, 1, 1, 1.0, 0.01))
+    assert "weight" in legacy.__dict__  # the original's computed weight is back in place
+
+
+def test_compactify_warns_on_inplace_consumer():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(18, 3),
+                          nn.ReLU(inplace=True))
+    with pytest.warns(UserWarning, match=r"0 -> 1.*3 -> 4"):
+        new = compactify(model)
+    x = torch.rand(2, 1, 5, 5)
+    with pytest.raises(RuntimeError, match="inplace"):
+        new(x).sum().backward()  # what the warning announces
+    with pytest.raises(ValueError, match="modified in place"):
+        compactify(model, inplace_ops="raise")
+    fixed = compactify(model, inplace_ops="fix")
+    assert not fixed[1].inplace and not fixed[4].inplace and model[1].inplace
+    fixed(x).sum().backward()
+    assert fixed[0].weight.grad is not None
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, z):
+            return torch.relu_(self.conv(z)).flatten(1)
+
+    with pytest.warns(UserWarning, match="conv -> "):
+        compactify(Functional())
+
+
+def test_cifar_variants():
+    x = torch.rand(2, 3, 32, 32)
+    from robustops.models import Normalize
+
+    for name in rnn.VARIANTS:
+        v = build_variant(name, dataset="cifar10")
+        assert v.name == name and v.model(x).shape == (2, 10)
+        mods = list(v.model.modules())
+        convs = [m for m in mods if isinstance(m, nn.Conv2d)]
+        assert [c.out_channels for c in convs] == [64, 128, 256, 256, 512, 512, 512, 512]  # VGG11, Table 10
+        assert v.model.fc1.out_features == 512 and v.model.fc2.out_features == 512
+        assert isinstance(v.model.normalize, Normalize)
+        torch.testing.assert_close(v.model.normalize.mean.flatten(), torch.full((3,), 0.5))
+        has = lambda t: any(isinstance(m, t) for m in mods)  # noqa: E731
+        assert has(CompactConv2d) == (name in ("CCN", "CCN+LS"))
+        assert has(BoundedReLU) == (name == "BReLU")
+        assert has(L2SoftmaxLinear) == (name == "L2SM")
+        assert v.criterion.smoothing == (0.1 if name in ("LS", "CCN+LS") else 0.0)
+        if name.startswith("CCN"):
+            assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in mods)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_variant("SM", dataset="svhn")
+    assert build_variant("SM").model(torch.rand(1, 1, 28, 28)).shape == (1, 10)  # mnist stays the default

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustops.fragile import (EmptyDatasetError, LayerNotFoundError, MemoryBudgetError, NotAConvLayerError,
+from robustops.fragile import (EmptyDatasetError, LayerNotFoundError, MemoryBudgetError, NotAConvLayerError, ablated_copy,
                                kernel_dropout, kernel_dropout_naive, taylor_importance, variant_logits)
 from robustops.models import papernot_mnist, resnet18
 
@@ -213,3 +213,232 @@ def test_bad_input(mnist_setup):
         kernel_dropout(model, "conv1", (x, y), memory_budget=1000)
     with pytest.raises(MemoryBudgetError):
         kernel_dropout(model, "conv1", (x, y), memory_budget=-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# exactness for any model: in-place ops after the consumer, layers that mix samples of a batch
+# ---------------------------------------------------------------------------------------------
+def _hand_zeroed(model, layer, x, y):
+    """Independent reference: for each kernel c, a copy with kernel c's weights and bias zeroed,
+    evaluated on the whole batch at once (float64 sums)."""
+    conv = model.get_submodule(layer)
+    accs, losses = [], []
+    for c in range(conv.out_channels):
+        m = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            m.get_submodule(layer).weight[c] = 0
+            if m.get_submodule(layer).bias is not None:
+                m.get_submodule(layer).bias[c] = 0
+            logits = m(x)
+        accs.append((logits.argmax(1) == y).double().mean().item())
+        losses.append(torch.nn.functional.cross_entropy(logits.double(), y).item())
+    return torch.tensor(accs, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64)
+
+
+def _flags(model):
+    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
+
+
+def test_issue_reproducer_inplace_relu_after_consumer():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(inplace=True),
+                      nn.Flatten(), nn.Linear(256, 10))
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    res = kernel_dropout(m, "0", (x, y))
+    _, loss_naive, _ = kernel_dropout_naive(m, "0", (x, y))
+    # was 9e-3: relu(relu(base) - contribution)
+    assert (res.clean_loss - loss_naive).abs().max() < 1e-6
+    assert res.method == "fused"
+
+
+class _VGGish(nn.Module):
+    """torchvision VGG/AlexNet pattern: every ReLU in place, also right after each consumer conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(8 * 2 * 2, 16), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                                        nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@pytest.mark.parametrize("layer", ["features.0", "features.2", "features.5"])
+def test_vgg_style_inplace_relus_exact(layer):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    model = _VGGish().double()
+    _randomise_bn(model, gen)
+    x = torch.rand(30, 1, 8, 8, dtype=torch.float64)
+    y = _labels(model, model.classifier[3], x)
+    model.train()
+    snap, flags = _checksum(model), _flags(model)
+    res = kernel_dropout(model, layer, (x, y), batch_size=16)
+    acc, loss, base_acc = kernel_dropout_naive(model, layer, (x, y), batch_size=16)
+    ref_acc, ref_loss = _hand_zeroed(model, layer, x, y)
+    torch.testing.assert_close(res.clean_loss, loss, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(res.clean_loss, ref_loss, rtol=1e-10, atol=1e-10)
+    assert torch.equal(res.clean_accuracy, acc) and torch.equal(res.clean_accuracy, ref_acc)
+    assert res.baseline_accuracy == base_acc
+    logits, _ = variant_logits(model, layer, x)
+    _, _, _, naive_logits = kernel_dropout_naive(model, layer, (x, y), batch_size=64, return_logits=True)
+    torch.testing.assert_close(logits, naive_logits, rtol=1e-10, atol=1e-10)
+    assert _same(model, snap) and _flags(model) == flags
+
+
+def _batch_norm_net(norm):
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), norm,
+                         nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+
+
+class _SubtractBatchMean(nn.Module):
+    """A custom layer whose output for one sample depends on the other samples of the batch."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("norm, mixes", [
+    (nn.BatchNorm2d(8, track_running_stats=False), True),   # the issue's reproducer
+    (_SubtractBatchMean(), True),                            # found from the traced graph, not a class list
+    (nn.InstanceNorm2d(8, affine=True), False),              # per-sample: stays on the stacked path
+    (nn.GroupNorm(2, 8), False),
+])
+def test_batch_mixing_layers_exact(norm, mixes):
+    torch.manual_seed(0)
+    net = _batch_norm_net(norm).eval()
+    x = torch.rand(40, 1, 8, 8)
+    y = _labels(net, net[6], x)
+    snap = _checksum(net)
+    res = kernel_dropout(net, "0", (x, y))
+    acc, loss, _ = kernel_dropout_naive(net, "0", (x, y))
+    ref_acc, ref_loss = _hand_zeroed(net, "0", x, y)
+    assert torch.equal(res.clean_accuracy, ref_acc) and torch.equal(acc, ref_acc)
+    torch.testing.assert_close(res.clean_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert res.clean_accuracy.unique().numel() > 1
+    assert res.extra["per_variant"] is mixes
+    assert bool(res.extra["batch_mixing"]) is mixes
+    assert res.method == "fused"  # the prefix and the consumer conv still run once
+    assert _same(net, snap) and not net.training
+
+
+def test_batch_mixing_before_layer_uses_whole_batches():
+    """A batch-statistics norm *before* L: stacking variants is fine, micro-batching is not."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(384, 10)).eval()
+    x = torch.rand(100, 1, 8, 8)  # > the 64-example micro-batch
+    y = _labels(net, net[8], x)
+    res = kernel_dropout(net, "3", (x, y), batch_size=100)
+    ref_acc, ref_loss = _hand_zeroed(net, "3", x, y)
+    assert torch.equal(res.clean_accuracy, ref_acc)
+    torch.testing.assert_close(res.clean_loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert res.extra["per_variant"] is False and res.extra["batch_mixing"] == ["1"]
+
+
+def test_batch_mixing_untraceable_model_uses_hook_path_per_variant():
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _batch_norm_net(nn.BatchNorm2d(8, track_running_stats=False))
+
+        def forward(self, x):
+            if x.sum() > -1:  # data-dependent control flow
+                return self.net(x)
+            return self.net(x) * 0
+
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    x = torch.rand(40, 1, 8, 8)
+    y = _labels(model, model.net[6], x)
+    res = kernel_dropout(model, "net.0", (x, y))
+    ref_acc, _ = _hand_zeroed(model, "net.0", x, y)
+    assert res.method == "hook" and res.extra["per_variant"]
+    assert torch.equal(res.clean_accuracy, ref_acc)
+
+
+def test_ablated_copy_checks_kernel_indices(mnist_setup):
+    from robustops.fragile import SplitIndexError
+
+    model, x, y = mnist_setup
+    c = ablated_copy(model, "conv1", [0, 31])
+    assert c.conv1.weight[[0, 31]].abs().sum() == 0 and c.conv1.bias[[0, 31]].abs().sum() == 0
+    assert torch.equal(c.conv1.weight[1:31], model.conv1.weight[1:31])
+    for bad in ([-1], [32], [1.5]):
+        with pytest.raises(SplitIndexError, match="kernels"):
+            ablated_copy(model, "conv1", bad)
+
+
+class _TorchvisionStyleResNet(nn.Module):
+    """torchvision's BasicBlock pattern: one shared ReLU(inplace=True) and ``out += identity``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU(inplace=True)
+        self.b_conv1 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.b_bn1 = nn.BatchNorm2d(6)
+        self.b_conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.b_bn2 = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        identity = x
+        out = self.relu(self.b_bn1(self.b_conv1(x)))
+        out = self.b_bn2(self.b_conv2(out))
+        out += identity
+        out = self.relu(out)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+@pytest.mark.parametrize("layer", ["conv1", "b_conv1", "b_conv2"])
+def test_torchvision_style_residual_inplace_exact(layer):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11)
+    model = _TorchvisionStyleResNet().double()
+    _randomise_bn(model, gen)
+    x = torch.rand(24, 1, 8, 8, dtype=torch.float64)
+    y = _labels(model, model.fc, x)
+    snap, flags = _checksum(model), _flags(model)
+    res = kernel_dropout(model, layer, (x, y))
+    ref_acc, ref_loss = _hand_zeroed(model, layer, x, y)
+    assert torch.equal(res.clean_accuracy, ref_acc)
+    torch.testing.assert_close(res.clean_loss, ref_loss, rtol=1e-10, atol=1e-10)
+    assert _same(model, snap) and _flags(model) == flags
+
+
+def test_value_changed_in_place_before_a_replayed_layer_reads_it():
+    """A value from before L is changed in place and then read by a layer after L: the replay
+    cannot reproduce what that layer saw, so the call takes the exact hook path."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            a = self.pre(x)
+            h = torch.tanh(self.conv(x))
+            a.mul_(2.0)               # a changed in place (not a descendant of conv) ...
+            out = self.conv2(h) + a   # ... before this replayed node reads it
+            return self.fc(out.flatten(1))
+
+    torch.manual_seed(0)
+    model = Net().double().eval()
+    x = torch.rand(20, 1, 8, 8, dtype=torch.float64)
+    y = _labels(model, model.fc, x)
+    res = kernel_dropout(model, "conv", (x, y))
+    ref_acc, ref_loss = _hand_zeroed(model, "conv", x, y)
+    assert res.method == "hook"
+    assert torch.equal(res.clean_accuracy, ref_acc)
+    torch.testing.assert_close(res.clean_loss, ref_loss, rtol=1e-10, atol=1e-10)

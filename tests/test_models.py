@@ -522,3 +522,164 @@ def test_empty_loaders_raise():
         train(model, batches, epochs=2)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(model, (torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), batch_size=0)
+
+
+# --------------------------------------------------------------------------------------------
+# train / evaluate: eval-mode submodules, labels up front, shared output and label rules
+# --------------------------------------------------------------------------------------------
+def _bn_cnn():
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_train_keeps_user_eval_batchnorm_in_eval_mode():
+    torch.manual_seed(0)
+    model = _bn_cnn().train()
+    frozen, live = model[1], model[4]
+    frozen.eval()
+    before = _state(model)
+    seen = []
+    frozen.register_forward_hook(lambda m, i, o: seen.append(m.training))
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    train(model, (x, y), epochs=2, batch_size=8, seed=0)
+    after = model.state_dict()
+    # the frozen batch norm ran in eval mode and kept its running statistics (buffer checksums)
+    assert seen and not any(seen)
+    for k in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(after[k], before[k]), k
+    # the other one trained: its statistics moved, 8 batches counted
+    assert not torch.equal(after["4.running_mean"], before["4.running_mean"])
+    assert int(after["4.num_batches_tracked"]) == 8
+    assert model.training and not frozen.training and live.training
+    # a model passed entirely in eval mode is trained whole (and put back in eval mode)
+    model2 = _bn_cnn().eval()
+    train(model2, (x, y), epochs=1, batch_size=8, seed=0)
+    assert int(model2.state_dict()["1.num_batches_tracked"]) == 4
+    assert not any(m.training for m in model2.modules())
+
+
+@pytest.mark.parametrize("form", ["pair", "loader"])
+def test_train_checks_labels_before_any_update(form):
+    torch.manual_seed(0)
+    model = _bn_cnn().train()
+    before = _state(model)
+    x = torch.rand(16, 1, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    y[-1] = 10  # out of range for 10 classes: in the last batch
+    data = (x, y) if form == "pair" else DataLoader(TensorDataset(x, y), batch_size=16)
+    with pytest.raises(ValueError, match="class 10"):
+        train(model, data, epochs=1, batch_size=4, seed=0)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # no parameter, no buffer changed
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match=">= 0"):
+        train(model, (x, y - 20), epochs=1)
+    with pytest.raises(TypeError, match="integer"):
+        train(model, (x, y.bool()), epochs=1)
+    with pytest.raises(ValueError, match="class 10"):
+        evaluate(model, (x, y))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_train_and_evaluate_accept_any_integer_labels(dtype):
+    x, y = torch.rand(24, 1, 8, 8), torch.randint(0, 10, (24,))
+    ref, got = small_cnn(), small_cnn()
+    got.load_state_dict(ref.state_dict())
+    h_ref = train(ref, (x, y), epochs=1, batch_size=8, seed=0)
+    h_got = train(got, (x, y.to(dtype)), epochs=1, batch_size=8, seed=0)
+    assert h_ref["loss"] == h_got["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), got.state_dict().values()))
+    loader = DataLoader(TensorDataset(x, y.to(dtype)), batch_size=8)
+    assert evaluate(got, loader) == evaluate(ref, DataLoader(TensorDataset(x, y), batch_size=8))
+    assert evaluate(got, (x, y.to(dtype))) == evaluate(ref, (x, y))
+
+
+def test_train_and_evaluate_refuse_tuple_outputs():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            logits = self.fc(x.flatten(1))
+            return logits, logits.softmax(1)
+
+    model = Pair()
+    before = _state(model)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)).int()
+    with pytest.raises(ValueError, match="SelectOutput"):
+        train(model, (x, y))
+    with pytest.raises(ValueError, match="SelectOutput"):
+        evaluate(model, (x, y))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    from robustops import SelectOutput
+    train(SelectOutput(model, 0), (x, y), epochs=1)
+    acc, loss = evaluate(SelectOutput(model, 0), (x, y))
+    assert 0 <= acc <= 1 and loss > 0
+
+
+def test_evaluate_refuses_nan_logits():
+    class Nan(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 10), float("nan"))
+
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate(Nan(), (torch.rand(4, 3), torch.zeros(4, dtype=torch.long)))
+
+
+# --------------------------------------------------------------------------------------------
+# vgg11: the paper's pre-processing inside the model
+# --------------------------------------------------------------------------------------------
+def test_vgg11_mean_subtraction_inside_the_model():
+    from robustops.models import CIFAR10_MEAN, CIFAR10_STD, Normalize
+
+    torch.manual_seed(0)
+    model = vgg11().eval()
+    assert isinstance(model.normalize, Normalize) and list(dict(model.named_children()))[:2] == ["normalize", "conv1"]
+    bare = vgg11(mean=None).eval()
+    assert not hasattr(bare, "normalize")
+    bare.load_state_dict(model.state_dict())  # same keys: the pre-processing is not training state
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), bare(x - 0.5))  # Ranjan et al.: mean subtraction of 0.5
+        per_channel = vgg11(mean=CIFAR10_MEAN, std=CIFAR10_STD).eval()
+        per_channel.load_state_dict(model.state_dict())
+        ref = (x - torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+        torch.testing.assert_close(per_channel(x), bare(ref))
+    with pytest.raises(ValueError, match="one value per input channel"):
+        vgg11(mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="> 0"):
+        vgg11(std=0.0)
+    with pytest.raises(ValueError, match="Normalize expects"):
+        Normalize(0.5, channels=3)(torch.rand(2, 1, 8, 8))
+
+
+def test_train_and_evaluate_refuse_list_inputs():
+    model = small_cnn()
+    x, y = torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    before = _state(model)
+    with pytest.raises(TypeError, match="tensors"):
+        train(model, [x.tolist(), y])
+    with pytest.raises(TypeError, match="tensors"):
+        evaluate(model, (x.tolist(), y.tolist()))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_train_under_no_grad_or_inference_mode_equals_plain(mode):
+    x, y = torch.rand(24, 1, 8, 8), torch.randint(0, 10, (24,)).int()
+    ref, got = small_cnn(), small_cnn()
+    got.load_state_dict(ref.state_dict())
+    h_ref = train(ref, (x, y), epochs=1, batch_size=8, seed=0)
+    ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with ctx:
+        h_got = train(got, (x, y), epochs=1, batch_size=8, seed=0)
+        assert evaluate(got, (x, y)) == evaluate(ref, (x, y))
+    assert h_ref["loss"] == h_got["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), got.state_dict().values()))

@@ -13,7 +13,7 @@
 from .dropout import (DEFAULT_MEMORY_BUDGET, KernelDropoutResult, ablated_copy, kernel_dropout,
                       kernel_dropout_naive, variant_logits)
 from .errors import (EmptyDatasetError, EmptySplitError, FragileError, LayerNotFoundError, MemoryBudgetError,
-                     NoiseLevelError, NotAConvLayerError)
+                     NoiseLevelError, NotAConvLayerError, SplitIndexError)
 from .split import SPLIT_RULES, FragileSplit, fragile_split
 from .svd_filter import (MODES, FilterReport, NoiseSearchResult, SVDFilterInfo, amplification_factor, apply_filter,
                          fgsm_accuracy, filter_layer_weights, filtered_model, gavish_donoho_lambda,
@@ -29,5 +29,5 @@ __all__ = [
     "amplification_factor", "filter_layer_weights", "filtered_model", "search_noise_level", "NoiseSearchResult",
     "apply_filter", "FilterReport", "fgsm_accuracy", "MODES",
     "FragileError", "LayerNotFoundError", "NotAConvLayerError", "EmptyDatasetError", "MemoryBudgetError",
-    "NoiseLevelError", "EmptySplitError",
+    "NoiseLevelError", "EmptySplitError", "SplitIndexError",
 ]

@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _ops
+from .._checks import as_logits, check_images, check_labels, check_nonneg
+from .._gradients import input_gradient
 from .._guard import frozen_model, model_device
-from ..attacks.gradients import input_gradient
-from ._common import (LayerLike, as_pair, check_batch_size, conv_layer_names, iter_batches, resolve_layer,
-                      spearman)
+from ._common import (LayerLike, bounds, check_batch_size, checked_batches, checked_pair, conv_layer_names,
+                      normal_tensor, public_entry, resolve_layer, spearman, split_indices)
 from .errors import EmptyDatasetError, MemoryBudgetError
 
 __all__ = ["KernelDropoutResult", "kernel_dropout", "kernel_dropout_naive", "variant_logits",
@@ -293,54 +294,172 @@ def _last_uses(nodes: Sequence[torch.fx.Node]) -> Dict[torch.fx.Node, List[torch
     return frees
 
 
-def _base_forward(plan: _Plan, x: torch.Tensor, keep: set, shapes: Optional[Dict] = None
-                  ) -> Dict[torch.fx.Node, object]:
-    """Run the whole graph on x; return the values of ``keep`` (+ the output under key 'output').
+class _MutatedInput(Exception):
+    """A node evaluated per variant reads a value that an in-place op changed before it ran."""
+
+
+def _base_forward(plan: _Plan, x: torch.Tensor, keep: set, shapes: Optional[Dict] = None,
+                  clone: Optional[set] = None) -> Tuple[Dict[object, object], set]:
+    """Run the whole graph on x; return ``(values, mutated)``.
+
+    ``values`` holds the value of every node in ``keep`` *as it was produced* (plus the output
+    under key ``'output'``); ``mutated`` the kept nodes whose tensor was later modified in place
+    (their version counter moved) although they were not in ``clone``: the caller adds them to
+    ``clone`` (stored as copies at production time) and runs again. A node that is re-evaluated
+    per variant and reads a kept value that was already modified in place when it ran raises
+    :class:`_MutatedInput` (the replay could not reproduce what it saw).
 
     ``shapes`` (when given) receives the output bytes of each variant node: the size of one
     variant's activation at that node."""
+    clone = clone or set()
     vset = set(plan.variant_nodes)
+    replayed = vset | plan.skip
     gm = plan.gm
     modules = dict(gm.named_modules())
     env: Dict[torch.fx.Node, object] = {}
     nodes = list(gm.graph.nodes)
     frees = _last_uses(nodes)
-    out = {}
+    out: Dict[object, object] = {}
+    versions: Dict[torch.fx.Node, int] = {}
+    used_x = False
     for node in nodes:
         if node.op == "placeholder":
             if node.target.startswith("*"):
                 raise TypeError("models with *args are not supported by the fused path")
-            if env.get("_x_used"):
+            if used_x:
                 raise TypeError("kernel_dropout supports models taking one input tensor")
             env[node] = x
-            env["_x_used"] = True
+            used_x = True
         elif node.op == "output":
             out["output"] = torch.fx.node.map_arg(node.args[0], lambda n: env[n])
         else:
+            if node in replayed and node not in plan.chain:
+                for a in node.all_input_nodes:
+                    if a in versions and env[a]._version != versions[a]:
+                        raise _MutatedInput(a.name)
             args = torch.fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
             env[node] = _run_node(gm, modules, node, args, kwargs)
             if shapes is not None and node in vset and isinstance(env[node], torch.Tensor):
                 shapes[node] = env[node].numel() * env[node].element_size()
+            if node in keep:
+                v = env[node]
+                if isinstance(v, torch.Tensor):
+                    if node in clone:
+                        v = v.clone()
+                    else:
+                        versions[node] = v._version
+                out[node] = v
         for dead in frees.get(node, ()):
-            if dead in keep:
-                out[dead] = env[dead]
-            if dead is not node:
+            if dead is not node and dead not in keep:
                 env.pop(dead, None)
-        if node in keep:
-            out[node] = env[node]
-    return out
+    mutated = {n for n, ver in versions.items() if out[n]._version != ver}
+    return out, mutated
 
 
-def _zero_channel_values(plan: _Plan, h_like: torch.Tensor) -> torch.Tensor:
-    """z: the chain after L applied to an all-zero output of L, shape [1, C, H, W] of h."""
-    gm = plan.gm
+# ---------------------------------------------------------------------------------------------
+# batch-mixing probe: which nodes make one sample's output depend on the other samples?
+# ---------------------------------------------------------------------------------------------
+def _perturb_tail(t, n: int, k: int):
+    """Copy of ``t`` with the batch rows ``k:`` changed (scaled and shifted, so batch statistics
+    move) when ``t`` is a floating batch tensor of ``n`` rows; a plain copy otherwise."""
+    if isinstance(t, torch.Tensor):
+        c = t.clone()
+        if t.is_floating_point() and t.dim() >= 1 and t.shape[0] == n:
+            c[k:] = c[k:] * 1.75 + 0.5
+        return c
+    return t
+
+
+def _is_batch_tensor(t, n: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] == n
+
+
+def _rows_differ(a, b, n: int, k: int) -> bool:
+    """Whether outputs ``a`` and ``b`` (pytrees) differ in the batch rows ``:k`` (batch tensors)
+    or anywhere (other tensors: a reduction over the batch)."""
+    from torch.utils._pytree import tree_leaves
+
+    la, lb = tree_leaves(a), tree_leaves(b)
+    if len(la) != len(lb):
+        return True
+    for ta, tb in zip(la, lb):
+        if not isinstance(ta, torch.Tensor) or not isinstance(tb, torch.Tensor):
+            continue
+        if ta.shape != tb.shape:
+            return True
+        if not ta.is_floating_point():
+            if not torch.equal(ta, tb):
+                return True
+            continue
+        if ta.dim() >= 1 and ta.shape[0] == n:
+            ta, tb = ta[:k], tb[:k]
+        ta, tb = ta.double(), tb.double()
+        scale = float(ta.abs().max()) if ta.numel() else 0.0
+        tol = (1e-6 if ta.dtype == torch.float64 else 1e-4) * max(1.0, scale)
+        diff = (ta - tb).abs()
+        diff = torch.where(torch.isnan(ta) & torch.isnan(tb), torch.zeros_like(diff), diff)
+        if ta.numel() and not bool((diff <= tol).all()):
+            return True
+    return False
+
+
+def _node_label(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({target})"
+
+
+@torch.no_grad()
+def _probe_graph(gm: torch.fx.GraphModule, x: torch.Tensor) -> List[torch.fx.Node]:
+    """Nodes whose output for one sample depends on other samples of the batch.
+
+    Each computing node runs twice on copies of its inputs: as they are, and with the batch rows
+    ``k = n // 2`` onwards scaled and shifted. A per-sample node gives the same rows ``:k``; a
+    batch-statistics norm, a "subtract the batch mean" module, a reduction over the batch does
+    not. Found from the graph and the values, not from a list of classes."""
     modules = dict(gm.named_modules())
-    lnode = plan.layer_node
-    return _zero_chain(gm, modules, plan.chain, lnode, h_like)
+    n = x.shape[0]
+    k = n // 2
+    env: Dict[torch.fx.Node, object] = {}
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = x
+            continue
+        if node.op == "output":
+            break
+        args = torch.fx.node.map_arg(node.args, lambda a: env[a])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: env[a])
+        if node.op != "get_attr":
+            from torch.utils._pytree import tree_leaves, tree_map
+
+            if any(_is_batch_tensor(t, n) for t in tree_leaves((args, kwargs))):
+                a_args, a_kwargs = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (args, kwargs))
+                b_args, b_kwargs = tree_map(lambda t: _perturb_tail(t, n, k), (args, kwargs))
+                out_a = _run_node(gm, modules, node, a_args, a_kwargs)
+                out_b = _run_node(gm, modules, node, b_args, b_kwargs)
+                if _rows_differ(out_a, out_b, n, k):
+                    found.append(node)
+                env[node] = out_a
+                continue
+        env[node] = _run_node(gm, modules, node, args, kwargs)
+    return found
+
+
+@torch.no_grad()
+def _probe_model(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whole-model version of :func:`_probe_graph` (for models fx cannot trace)."""
+    n = x.shape[0]
+    k = n // 2
+    out_a = model(x.clone())
+    out_b = model(_perturb_tail(x, n, k))
+    return _rows_differ(out_a, out_b, n, k)
 
 
 def _zero_chain(gm, modules, chain, lnode, lout_like):
+    """z: the chain after L applied to an all-zero output of L, shape [1, C, H, W] of h."""
     v = torch.zeros_like(lout_like[:1])
     for node in chain[1:]:
         args = torch.fx.node.map_arg(node.args, lambda n: v)
@@ -349,12 +468,8 @@ def _zero_chain(gm, modules, chain, lnode, lout_like):
     return v
 
 
-def _output_logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"the model must return a logits tensor, got {type(out).__name__}")
+#: Most examples used by the batch-mixing probe.
+PROBE_BATCH = 16
 
 
 class _Evaluator:
@@ -367,9 +482,55 @@ class _Evaluator:
         self.C = layer.out_channels
         self.memory_budget = memory_budget
         self.plan = _build_plan(model, layer_name, fuse=fuse)
-        self.method = self.plan.method
         self._shapes: Dict[torch.fx.Node, int] = {}
         self._chunks: Dict[int, int] = {}
+        self._clone: set = set()
+        self.prepared = False
+        #: names of the layers/nodes found to mix samples of a batch (see :meth:`prepare`)
+        self.batch_mixing: List[str] = []
+        #: evaluate one variant at a time (a node after L mixes samples)
+        self.per_variant = False
+        #: evaluate each data batch whole, never in micro-batches (some node mixes samples)
+        self.whole_batch = False
+        self.num_classes: Optional[int] = None
+
+    @property
+    def method(self) -> str:
+        return self.plan.method
+
+    def _to_hook(self) -> None:
+        self.plan = _Plan("hook", None)
+        self._chunks.clear()
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Probe the model once, on the first batch, for layers that mix the samples of a batch.
+
+        Stacking the C variants along the batch dimension is exact only when every layer after L
+        treats samples independently; micro-batching the data is exact only when every layer
+        does. A mixing node after L -> one variant at a time (in the chain right after L, which
+        the graph path evaluates on a single zero sample: the hook path); a mixing node anywhere
+        -> each data batch is evaluated whole, as the naive loop does."""
+        if self.prepared:
+            return
+        self.prepared = True
+        xp = x[:PROBE_BATCH] if x.shape[0] >= 2 else torch.cat([x, x])
+        if self.plan.method == "hook":
+            if _probe_model(self.model, xp):
+                self.batch_mixing = ["<model>"]
+                self.per_variant = self.whole_batch = True
+            return
+        p = self.plan
+        found = _probe_graph(p.gm, xp)
+        if not found:
+            return
+        self.batch_mixing = [_node_label(nd) for nd in found]
+        self.whole_batch = True
+        desc = _descendants(p.layer_node)
+        if any(nd in p.chain[1:] for nd in found):
+            self._to_hook()
+            self.per_variant = True
+        elif any(nd in desc for nd in found):
+            self.per_variant = True
 
     # -- generic pieces ------------------------------------------------------------------------
     def _keep_set(self) -> set:
@@ -384,12 +545,26 @@ class _Evaluator:
                     keep.add(a)
         return keep
 
+    def _base(self, x: torch.Tensor) -> Optional[Dict]:
+        """Values of the kept nodes for x (None when the plan switched to the hook path)."""
+        keep = self._keep_set()
+        for _ in range(3):
+            try:
+                base, mutated = _base_forward(self.plan, x, keep, self._shapes, self._clone)
+            except _MutatedInput:
+                self._to_hook()
+                return None
+            if not mutated:
+                return base
+            self._clone |= mutated  # an in-place op overwrote a kept value: keep a copy instead
+        self._to_hook()
+        return None
+
     def _bytes_per_variant(self, base: Dict, n: int) -> int:
         """Peak bytes of live stacked activations for one variant (liveness simulated in order)."""
         p = self.plan
         sizes: Dict[torch.fx.Node, int] = {}
         live = 0
-        peak = 0
         h = base[p.chain[-1]]
         if p.need_masked_h:
             sizes[p.chain[-1]] = h.numel() * h.element_size()
@@ -417,8 +592,6 @@ class _Evaluator:
         if self.plan.method == "hook":
             per = self._hook_per_variant(x)
         else:
-            if base is None:
-                base = _base_forward(self.plan, x, self._keep_set(), self._shapes)
             per = self._bytes_per_variant(base, n)
         if per > self.memory_budget:
             raise MemoryBudgetError(
@@ -426,7 +599,8 @@ class _Evaluator:
                 f"layer {self.layer_name!r} on a batch of {n} examples (needs about {per} bytes); "
                 f"raise memory_budget or lower batch_size")
         cap = max(1, MAX_STACK // n) if x.device.type == "cpu" else self.C
-        self._chunks[n] = max(1, min(self.C, self.memory_budget // per, cap))
+        chunk = max(1, min(self.C, self.memory_budget // per, cap))
+        self._chunks[n] = 1 if self.per_variant else chunk
         return self._chunks[n]
 
     def _hook_per_variant(self, x: torch.Tensor) -> int:
@@ -453,17 +627,23 @@ class _Evaluator:
     @torch.no_grad()
     def logits(self, x: torch.Tensor, chunk: Optional[int] = None):
         """Yield ``(channels, logits[V, N, K], base_logits[N, K])`` for all variants of x."""
-        if self.plan.method == "hook":
+        self.prepare(x)
+        n = x.shape[0]
+        base = None
+        if self.plan.method != "hook":
+            base = self._base(x)
+        if base is None:  # hook path (possibly switched to just now)
             chunk = chunk or self.chunk_size(x)
-            base_logits = _output_logits(self.model(x))
+            base_logits = as_logits(self.model(x), n)
+            self.num_classes = base_logits.shape[1]
             for start in range(0, self.C, chunk):
                 chs = torch.arange(start, min(self.C, start + chunk))
                 yield chs, self._hook_logits(x, chs), base_logits
             return
         p = self.plan
-        base = _base_forward(p, x, self._keep_set(), self._shapes)
         chunk = chunk or self.chunk_size(x, base)
-        base_logits = _output_logits(base["output"])
+        base_logits = as_logits(base["output"], n)
+        self.num_classes = base_logits.shape[1]
         h = base[p.chain[-1]]
         z = _zero_chain(p.gm, dict(p.gm.named_modules()), p.chain, p.layer_node, base[p.chain[0]])
         delta = h - z if p.fused else None
@@ -490,7 +670,6 @@ class _Evaluator:
                 base[fz.conv_node], delta, conv.weight.detach(), chs_dev, conv.stride, conv.padding, conv.dilation,
                 fz.scale, fz.shift, fz.relu, fz.pool_kernel, fz.pool_stride)
             env[fz.last_node] = out.reshape(V * n, *out.shape[2:])
-        vset = set(p.variant_nodes) | p.skip
         frees = _last_uses(p.variant_nodes)
         result = None
 
@@ -512,8 +691,7 @@ class _Evaluator:
             for dead in frees.get(node, ()):
                 if dead is not node and dead in env:
                     del env[dead]
-        del vset
-        logits = _output_logits(result)
+        logits = as_logits(result, V * n)
         return logits.reshape(V, n, *logits.shape[1:])
 
     def _hook_logits(self, x: torch.Tensor, chs: torch.Tensor) -> torch.Tensor:
@@ -527,7 +705,7 @@ class _Evaluator:
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            logits = _output_logits(self.model(x.repeat(V, *([1] * (x.dim() - 1)))))
+            logits = as_logits(self.model(x.repeat(V, *([1] * (x.dim() - 1)))), V * n)
         finally:
             handle.remove()
         return logits.reshape(V, n, *logits.shape[1:])
@@ -554,21 +732,23 @@ def _accumulate(evaluator: _Evaluator, batches, C: int, device):
     cpu = torch.device(device).type == "cpu"
     for xb, yb in batches:
         xb, yb = xb.to(device), yb.to(device)
-        step = MICRO_BATCH if cpu else max(1, xb.shape[0])
+        evaluator.prepare(xb)
+        step = MICRO_BATCH if cpu and not evaluator.whole_batch else max(1, xb.shape[0])
         for i in range(0, xb.shape[0], step):
             x, y = xb[i:i + step], yb[i:i + step]
             n = x.shape[0]
             first = True
             for chs, logits, base_logits in evaluator.logits(x):
+                if first:  # labels checked against the model's classes before any loss is taken
+                    y = check_labels(y, n, name="y", num_classes=base_logits.shape[1])
+                    base_correct += (base_logits.argmax(-1) == y).sum()
+                    base_loss += F.cross_entropy(base_logits, y, reduction="sum").double()
+                    first = False
                 chs = chs.to(device)
                 V = chs.numel()
                 correct[chs] += (logits.argmax(-1) == y).sum(1)
                 loss[chs] += F.cross_entropy(logits.reshape(V * n, -1), y.repeat(V), reduction="none") \
                     .reshape(V, n).double().sum(1)
-                if first:
-                    base_correct += (base_logits.argmax(-1) == y).sum()
-                    base_loss += F.cross_entropy(base_logits, y, reduction="sum").double()
-                    first = False
             seen += n
     if seen == 0:
         raise EmptyDatasetError("data yielded no examples")
@@ -576,6 +756,7 @@ def _accumulate(evaluator: _Evaluator, batches, C: int, device):
         base_loss.item() / seen, seen
 
 
+@public_entry
 def kernel_dropout(
     model: nn.Module,
     layer: Union[LayerLike, Sequence[LayerLike], None] = None,
@@ -586,100 +767,136 @@ def kernel_dropout(
     memory_budget: Optional[int] = None,
     taylor: bool = False,
     fused: bool = True,
+    lo: float = 0.0,
+    hi: float = 1.0,
 ) -> Union[KernelDropoutResult, Dict[str, KernelDropoutResult]]:
     """Evaluate ``model`` with each kernel of conv layer ``layer`` removed in turn (batched, exact).
 
+    Exact for any model, equal to :func:`kernel_dropout_naive` up to float rounding: values
+    overwritten by in-place ops (``Conv2d -> ReLU(inplace=True)``) are detected by their version
+    counters and kept as copies; layers whose output for one sample depends on the other samples
+    of the batch (batch-statistics norms, "subtract the batch mean" modules) are found by a probe
+    of the traced graph on the first batch, and then the variants are evaluated one at a time on
+    whole data batches (``result.extra["batch_mixing"]`` names those layers).
+
     Args:
-        model: a classifier returning logits; it is never modified (eval mode is used inside and
-            every flag is restored).
+        model: a classifier returning ``(N, C)`` logits (the shared output rule,
+            :func:`robustops._checks.as_logits`: a tuple output is refused with a ``ValueError``
+            suggesting ``robustops.SelectOutput``); it is never modified (eval mode is used inside
+            and every flag is restored).
         layer: a module name (``"conv1"``, ``"layer1.0.conv1"``), the module itself, None (the
             first ``nn.Conv2d``), a list of those, or ``"all"`` (every ``nn.Conv2d``). With a list
             or ``"all"`` the result is a dict ``{name: KernelDropoutResult}``.
-        data: a DataLoader (or iterable of ``(x, y, ...)`` batches) or an ``(x, y)`` pair.
-        adversarial: None; a float FGSM eps (examples crafted once per batch on the *unablated*
-            model with the fused ``fgsm_step`` and then kept fixed for every ablation, as a fixed
-            FGSM set); an ``x_adv`` tensor aligned with an ``(x, y)`` pair ``data``; or an
-            ``(x_adv, y_adv)`` pair / DataLoader.
+        data: a DataLoader (or iterable of ``(x, y, ...)`` batches) or an ``(x, y)`` pair; x
+            ``[N, ...]`` finite in ``[lo, hi]``, y class indices of any integer dtype.
+        adversarial: None; a float FGSM eps in pixel units (examples crafted once per batch on the
+            *unablated* model with the fused ``fgsm_step``, clamped to ``[lo, hi]``, then kept
+            fixed for every ablation, as a fixed FGSM set); an ``x_adv`` tensor aligned with an
+            ``(x, y)`` pair ``data``; or an ``(x_adv, y_adv)`` pair / DataLoader.
         batch_size: examples per batch for the ``(x, y)`` form (a DataLoader keeps its batches).
         memory_budget: bytes for the stacked variants' activations per chunk (default 512 MiB);
             the variants of a batch are evaluated in chunks that fit.
             ``MemoryBudgetError`` when even one variant does not fit.
         taylor: also compute the first-order Taylor screen and its Spearman correlation.
         fused: use the compiled consumer op (True) or only the masked generic path (False).
+        lo, hi: the input range (default ``[0, 1]``; e.g. ``[-1, 1]`` for normalised inputs).
 
     Returns:
         :class:`KernelDropoutResult` (``clean_accuracy[c]`` = accuracy with kernel c removed).
+
+    Raises:
+        ``ValueError``/``TypeError`` naming the bad argument (x outside ``[lo, hi]`` or not
+        finite, float/bool/out-of-range labels, tuple outputs), ``EmptyDatasetError``,
+        ``LayerNotFoundError``, ``NotAConvLayerError``, ``MemoryBudgetError``.
+
+    Works under ``torch.inference_mode()`` (the FGSM set included) with the plain call's result.
     """
     batch_size = check_batch_size(batch_size)
     budget = _check_budget(memory_budget)
+    lo, hi = bounds(lo, hi)
     if data is None:
         raise EmptyDatasetError("data is required: a DataLoader or an (x, y) pair")
+    kw = dict(adversarial=adversarial, batch_size=batch_size, memory_budget=budget, taylor=taylor, fused=fused,
+              lo=lo, hi=hi)
     if isinstance(layer, str) and layer == "all":
         names = conv_layer_names(model)
-        return {n: kernel_dropout(model, n, data, adversarial=adversarial, batch_size=batch_size,
-                                  memory_budget=budget, taylor=taylor, fused=fused) for n in names}
+        return {n: kernel_dropout(model, n, data, **kw) for n in names}
     if isinstance(layer, (list, tuple)):
         out = {}
         for item in layer:
             name, _ = resolve_layer(model, item)
-            out[name] = kernel_dropout(model, name, data, adversarial=adversarial, batch_size=batch_size,
-                                       memory_budget=budget, taylor=taylor, fused=fused)
+            out[name] = kernel_dropout(model, name, data, **kw)
         return out
     name, conv = resolve_layer(model, layer)
     device = model_device(model)
+    if adversarial is not None:
+        _check_adversarial_arg(adversarial)
     with frozen_model(model):
         ev = _Evaluator(model, name, conv, budget, fuse=fused)
-        acc, loss, bacc, bloss, seen = _accumulate(ev, iter_batches(data, batch_size), ev.C, device)
+        acc, loss, bacc, bloss, seen = _accumulate(ev, checked_batches(data, batch_size, lo, hi), ev.C, device)
         result = KernelDropoutResult(name, acc, loss, bacc, bloss, seen, ev.method)
         if adversarial is not None:
-            adv_batches, eps = _adversarial_source(model, data, adversarial, batch_size, device)
+            adv_batches, eps = _adversarial_source(model, data, adversarial, batch_size, device, lo, hi,
+                                                   ev.num_classes)
             aacc, aloss, baacc, _, _ = _accumulate(ev, adv_batches, ev.C, device)
             result.adversarial_accuracy = aacc
             result.adversarial_loss = aloss
             result.baseline_adversarial_accuracy = baacc
             result.adversarial_eps = eps
+        result.method = ev.method
+        result.extra["batch_mixing"] = list(ev.batch_mixing)
+        result.extra["per_variant"] = ev.per_variant
     if taylor:
         from .taylor import taylor_importance
 
-        result.taylor = taylor_importance(model, name, data, batch_size=batch_size)
+        result.taylor = taylor_importance(model, name, data, batch_size=batch_size, lo=lo, hi=hi)
         result.taylor_spearman = spearman(result.taylor, result.accuracy_drop)
         result.taylor_spearman_loss = spearman(result.taylor, result.clean_loss - result.baseline_loss)
     return result
 
 
-def _adversarial_source(model, data, adversarial, batch_size, device):
+def _check_adversarial_arg(adversarial) -> None:
     if isinstance(adversarial, bool):
         raise TypeError("adversarial must be an FGSM eps, an x_adv tensor or an (x_adv, y) pair, got bool")
     if isinstance(adversarial, (int, float)):
-        eps = float(adversarial)
-        if not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"adversarial eps must be finite and >= 0, got {adversarial!r}")
+        check_nonneg(adversarial, "adversarial (FGSM eps)")
+
+
+def _adversarial_source(model, data, adversarial, batch_size, device, lo, hi, num_classes):
+    if isinstance(adversarial, (int, float)):
+        eps = check_nonneg(adversarial, "adversarial (FGSM eps)")
 
         def gen():
-            for x, y in iter_batches(data, batch_size):
+            for x, y in checked_batches(data, batch_size, lo, hi, num_classes=num_classes):
                 x, y = x.to(device), y.to(device)
-                if x.shape[0] == 0:
-                    continue
                 grad, _ = input_gradient(model, x, y)
-                yield _ops.fgsm_step(x, grad, [eps])[0], y
+                yield _ops.fgsm_step(x, grad, [eps], lo, hi)[0], y
 
         return gen(), eps
     if isinstance(adversarial, torch.Tensor):
-        x, y = as_pair(data, batch_size)
+        x, y = checked_pair(data, batch_size, lo, hi)
         if adversarial.shape != x.shape:
             raise ValueError(f"adversarial tensor must have the shape of x {tuple(x.shape)}, "
                              f"got {tuple(adversarial.shape)}")
-        return iter_batches((adversarial, y), batch_size, "adversarial"), None
-    return iter_batches(adversarial, batch_size, "adversarial"), None
+        return checked_batches((adversarial, y), batch_size, lo, hi, "adversarial"), None
+    return checked_batches(adversarial, batch_size, lo, hi, "adversarial"), None
 
 
+@public_entry
 @torch.no_grad()
 def variant_logits(model: nn.Module, layer: LayerLike, x: torch.Tensor, *, memory_budget: Optional[int] = None,
-                   fused: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(logits[C, N, K], base_logits[N, K])``: the model's logits with each kernel removed."""
+                   fused: bool = True, lo: float = 0.0, hi: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logits[C, N, K], base_logits[N, K])``: the model's logits with each kernel removed.
+
+    ``x``: ``[N, ...]``, N >= 1, finite, in ``[lo, hi]`` (``ValueError``/``TypeError`` otherwise).
+    All N examples form one batch (as for ``kernel_dropout`` with ``batch_size >= N``)."""
+    lo, hi = bounds(lo, hi)
+    x = check_images(normal_tensor(x), lo, hi, name="x")
     name, conv = resolve_layer(model, layer)
     with frozen_model(model):
         ev = _Evaluator(model, name, conv, _check_budget(memory_budget), fuse=fused)
+        x = x.to(model_device(model))
+        ev.prepare(x)
         parts = []
         base_logits = None
         for _chs, logits, base_logits in ev.logits(x):
@@ -691,26 +908,38 @@ def variant_logits(model: nn.Module, layer: LayerLike, x: torch.Tensor, *, memor
 # the naive reference: C model copies, one at a time
 # ---------------------------------------------------------------------------------------------
 def ablated_copy(model: nn.Module, layer_name: str, kernels) -> nn.Module:
-    """A deep copy of ``model`` with the given kernels (weights and bias) of ``layer_name`` zeroed."""
-    m = copy.deepcopy(model)
-    conv = m.get_submodule(layer_name)
-    with torch.no_grad():
-        conv.weight[kernels] = 0
-        if conv.bias is not None:
-            conv.bias[kernels] = 0
+    """A deep copy of ``model`` with the given kernels (weights and bias) of ``layer_name`` zeroed.
+
+    ``kernels``: integer indices in ``[0, C)`` (``SplitIndexError`` otherwise: ``-1`` does not
+    wrap to the last kernel)."""
+    name, conv = resolve_layer(model, layer_name)
+    kernels, _ = split_indices((kernels, []), conv.out_channels, name, require_fragile=False, require_null=False,
+                              labels=("kernels", "-"))
+    layer_name = name
+    with torch.inference_mode(False):
+        m = copy.deepcopy(model)
+        conv = m.get_submodule(layer_name)
+        with torch.no_grad():
+            conv.weight[kernels] = 0
+            if conv.bias is not None:
+                conv.bias[kernels] = 0
     return m
 
 
+@public_entry
 @torch.no_grad()
 def kernel_dropout_naive(model: nn.Module, layer: LayerLike, data, *, batch_size: int = 256,
-                         return_logits: bool = False):
+                         return_logits: bool = False, lo: float = 0.0, hi: float = 1.0):
     """Reference: for each kernel c, copy the model, zero kernel c, evaluate in batches.
 
     Returns ``(clean_accuracy[C], clean_loss[C], baseline_accuracy)``, plus the stacked logits
-    ``[C, N, K]`` when ``return_logits``. Slow by design (the paper's procedure).
+    ``[C, N, K]`` when ``return_logits``. Slow by design (the paper's procedure). Same input
+    rules and errors as :func:`kernel_dropout`.
     """
+    batch_size = check_batch_size(batch_size)
+    lo, hi = bounds(lo, hi)
     name, conv = resolve_layer(model, layer)
-    x, y = as_pair(data, batch_size)
+    x, y = checked_pair(data, batch_size, lo, hi)
     device = model_device(model)
     C = conv.out_channels
     accs, losses, all_logits = [], [], []
@@ -719,11 +948,12 @@ def kernel_dropout_naive(model: nn.Module, layer: LayerLike, data, *, batch_size
         correct, loss, outs = 0, 0.0, []
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            lo = m(xb)
-            correct += int((lo.argmax(1) == yb).sum())
-            loss += float(F.cross_entropy(lo, yb, reduction="sum"))
+            lo_ = as_logits(m(xb), xb.shape[0])
+            yb = check_labels(yb, xb.shape[0], num_classes=lo_.shape[1])
+            correct += int((lo_.argmax(1) == yb).sum())
+            loss += float(F.cross_entropy(lo_, yb, reduction="sum"))
             if return_logits:
-                outs.append(lo)
+                outs.append(lo_)
         return correct / x.shape[0], loss / x.shape[0], (torch.cat(outs) if return_logits else None)
 
     with frozen_model(model):
@@ -731,11 +961,11 @@ def kernel_dropout_naive(model: nn.Module, layer: LayerLike, data, *, batch_size
         for c in range(C):
             m = ablated_copy(model, name, [c])
             m.eval()
-            a, l, lo = evaluate(m)
+            a, l, lo_ = evaluate(m)
             accs.append(a)
             losses.append(l)
             if return_logits:
-                all_logits.append(lo)
+                all_logits.append(lo_)
     out = (torch.tensor(accs, dtype=torch.float64), torch.tensor(losses, dtype=torch.float64), base_acc)
     if return_logits:
         out = out + (torch.stack(all_logits),)

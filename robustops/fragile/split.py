@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 import torch
 
+from ._common import true_median
 from .dropout import KernelDropoutResult
 
 __all__ = ["FragileSplit", "fragile_split", "SPLIT_RULES"]
@@ -18,7 +19,8 @@ __all__ = ["FragileSplit", "fragile_split", "SPLIT_RULES"]
 #: rule -> meaning of ``threshold``
 SPLIT_RULES = {
     "mean": "line = mean(score) + threshold (threshold: offset, default 0)",
-    "median": "line = median(score) + threshold (threshold: offset, default 0)",
+    "median": "line = median(score) + threshold (the statistical median: mean of the two middle scores "
+              "for an even count; threshold: offset, default 0)",
     "std": "line = mean(score) - threshold * std(score) (threshold: k, default 1)",
     "quantile": "line = quantile(score, threshold) (threshold: q in (0, 1), default 0.5)",
     "value": "line = threshold (an absolute score, required)",
@@ -83,7 +85,7 @@ def fragile_split(
     if rule == "mean":
         line = s.mean().item() + (threshold or 0.0)
     elif rule == "median":
-        line = s.median().item() + (threshold or 0.0)
+        line = true_median(s) + (threshold or 0.0)
     elif rule == "std":
         k = 1.0 if threshold is None else float(threshold)
         line = s.mean().item() - k * (s.std(unbiased=False).item() if s.numel() > 1 else 0.0)

@@ -8,17 +8,18 @@ the mean distance over the fragile kernels S exceeds the mean over the null kern
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 
 from .. import _ops
+from .._checks import check_labels
+from .._gradients import input_gradient
 from .._guard import frozen_model, model_device
-from ..attacks.gradients import input_gradient
-from ._common import LayerLike, check_batch_size, iter_batches, layer_output, resolve_layer
-from .errors import EmptyDatasetError, EmptySplitError
-from .split import FragileSplit
+from ._common import (LayerLike, bounds, check_batch_size, checked_batches, layer_output, public_entry,
+                      resolve_layer, split_indices)
+from .errors import EmptyDatasetError
 
 __all__ = ["TargetingResult", "adversarial_targeting"]
 
@@ -35,21 +36,13 @@ class TargetingResult:
     mean_distance_null: torch.Tensor
 
 
-def _indices(split) -> Tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(split, FragileSplit):
-        s, sn = split.fragile, split.null
-    else:
-        try:
-            s, sn = split
-        except (TypeError, ValueError):
-            raise TypeError("split must be a FragileSplit or a (fragile, null) pair of index lists") from None
-    s = torch.as_tensor(s, dtype=torch.long).reshape(-1)
-    sn = torch.as_tensor(sn, dtype=torch.long).reshape(-1)
-    if s.numel() == 0 or sn.numel() == 0:
-        raise EmptySplitError(f"both S and S' must be non-empty, got |S|={s.numel()}, |S'|={sn.numel()}")
-    return s, sn
+def _checked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy after the shared label check against the model's class count."""
+    y = check_labels(y, logits.shape[0], num_classes=logits.shape[1])
+    return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
 
 
+@public_entry
 def adversarial_targeting(
     model: nn.Module,
     layer: LayerLike,
@@ -66,18 +59,20 @@ def adversarial_targeting(
     Args:
         model: the classifier (not modified). FGSM is white-box against this model.
         layer: the conv layer L (name or module).
-        data: DataLoader or ``(x, y)`` pair.
-        eps: one or more FGSM step sizes (all from one gradient per batch).
-        split: a :class:`FragileSplit` or ``(S, S')`` index lists.
-        lo, hi: pixel range for the FGSM clamp.
+        data: DataLoader or ``(x, y)`` pair; x finite in ``[lo, hi]``, y integer labels.
+        eps: one or more FGSM step sizes in input units (all from one gradient per batch).
+        split: a :class:`FragileSplit` or ``(S, S')`` index lists (checked: integers in
+            ``[0, C)``, no repeats, disjoint, both non-empty).
+        lo, hi: the input range; x is checked against it and FGSM clamps to it (default [0, 1]).
+
+    Raises ``SplitIndexError``/``EmptySplitError`` for a bad split, ``ValueError``/``TypeError``
+    for bad inputs (shared rules, tuple outputs included). Works under ``torch.inference_mode()``.
     """
     batch_size = check_batch_size(batch_size)
+    lo, hi = bounds(lo, hi)
     eps_t = _ops.as_eps_tensor(eps)
-    s_idx, n_idx = _indices(split)
     name, conv = resolve_layer(model, layer)
-    C = conv.out_channels
-    if int(torch.cat([s_idx, n_idx]).max()) >= C or int(torch.cat([s_idx, n_idx]).min()) < 0:
-        raise ValueError(f"split indices must be in [0, {C}) for layer {name!r}")
+    s_idx, n_idx = split_indices(split, conv.out_channels, name)
     device = model_device(model)
     K = eps_t.numel()
     counts = torch.zeros(K, dtype=torch.int64)
@@ -85,12 +80,10 @@ def adversarial_targeting(
     sum_n = torch.zeros(K, dtype=torch.float64)
     seen = 0
     with frozen_model(model):
-        for x, y in iter_batches(data, batch_size):
+        for x, y in checked_batches(data, batch_size, lo, hi):
             x, y = x.to(device), y.to(device)
             b = x.shape[0]
-            if b == 0:
-                continue
-            grad, _ = input_gradient(model, x, y)
+            grad, _ = input_gradient(model, x, y, loss_fn=_checked_ce)
             x_adv = _ops.fgsm_step(x, grad, eps_t, lo, hi)  # [K, B, ...]
             a = layer_output(model, conv, x)
             a_adv = layer_output(model, conv, x_adv.reshape(K * b, *x.shape[1:])).reshape(K, b, *a.shape[1:])

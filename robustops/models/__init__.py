@@ -3,7 +3,8 @@
 Builders (all return logits, never softmax; see each docstring for the layer names):
 
 * :func:`papernot_mnist` - Papernot et al.'s MNIST net (Ranjan et al. 2017, Table 10)
-* :func:`vgg11` - VGG11 for CIFAR-10 (Ranjan et al. 2017, Table 10)
+* :func:`vgg11` - VGG11 for CIFAR-10 (Ranjan et al. 2017, Table 10), with the paper's mean
+  subtraction as an in-model :class:`Normalize` layer (inputs stay in [0, 1])
 * :func:`lenet` - LeNet-5-style substitute model for the black-box attack
 * :func:`resnet18`, :func:`resnet50`, :func:`resnet101` - with "cifar" / "mnist" / "imagenet"
   stems (Pravin et al. 2021); the first convolution is ``model.conv1``
@@ -16,6 +17,7 @@ same definitions. ``get_model(name, **kw)`` looks a builder up by name; ``train`
 ``evaluate`` train and score any classifier.
 """
 from .lenet import LeNet5, lenet
+from .normalize import CIFAR10_MEAN, CIFAR10_STD, Normalize
 from .papernot import PapernotMNIST, papernot_mnist
 from .registry import MODELS, get_model, list_models
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnet101
@@ -43,4 +45,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "SmallCNN",
+    "Normalize",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
 ]

@@ -5,8 +5,14 @@ weight decay, label smoothing, step learning-rate schedule) and to measure clean
 Attacks, adversarial retraining and detectors build on these two functions.
 
 Both functions leave the caller's model in the train/eval state it had: every submodule's
-``training`` flag is recorded and restored, so e.g. a frozen batch-norm kept in eval mode inside a
-training model stays that way.
+``training`` flag is recorded and restored. During training, a submodule the user put in eval
+mode inside a model in training mode (``model.train(); model.bn1.eval()``, a frozen batch norm)
+stays in eval mode: its running statistics are not updated.
+
+Inputs follow the package's shared rules (:mod:`robustops._checks`): the model's output becomes
+logits through :func:`~robustops._checks.as_logits` (a tuple output is refused with a
+``ValueError`` suggesting ``robustops.SelectOutput``), class labels may have any integer dtype and
+are checked against the model's number of classes *before* any parameter or buffer changes.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+from .._checks import as_logits, check_labels
 
 __all__ = ["train", "evaluate"]
 
@@ -66,6 +74,41 @@ def _check_targets(y: torch.Tensor, n: int, name: str) -> None:
         raise ValueError(f"{name}: y must be 1-D class indices or 2-D class probabilities, got shape {tuple(y.shape)}")
 
 
+def _checked_targets(y: torch.Tensor, n: int, name: str, num_classes: Optional[int]) -> torch.Tensor:
+    """Labels after the shared rule: 1-D class indices of any integer dtype -> int64, in
+    ``[0, num_classes)`` (when known); 2-D class probabilities must be floating with C columns."""
+    _check_targets(y, n, name)
+    if y.dim() == 1:
+        return check_labels(y, n, name=f"{name}: y", num_classes=num_classes)
+    if num_classes is not None and y.shape[1] != num_classes:
+        raise ValueError(f"{name}: 2-D targets have {y.shape[1]} columns but the model has {num_classes} outputs")
+    return y
+
+
+@torch.no_grad()
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """The model's number of outputs, from one example in eval mode (no buffer is updated)."""
+    with _preserve_modes(model):
+        model.eval()
+        return as_logits(model(x[:1]), 1, check_finite=False).shape[1]
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """A normal copy of an inference tensor (autograd cannot save inference tensors)."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
+
+
+def _enter_train_mode(model: nn.Module) -> None:
+    """Training mode for the model, except submodules the user put in eval mode inside a model in
+    training mode (frozen batch norms). A model passed entirely in eval mode is trained whole."""
+    if model.training:
+        return  # every flag is the user's choice: submodules in eval mode stay in eval mode
+    model.train()
+
+
 def _check_pair(pair: Sequence[torch.Tensor], name: str) -> TensorPair:
     x, y = pair
     if x.dim() < 1:
@@ -95,6 +138,9 @@ def _check_loader(loader, name: str) -> None:
 def _split_batch(batch, name: str) -> TensorPair:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise TypeError(f"{name} must yield (x, y, ...) tuples or lists, got {type(batch).__name__}")
+    if not isinstance(batch[0], torch.Tensor) or not isinstance(batch[1], torch.Tensor):
+        raise TypeError(f"{name} must yield tensors (x, y, ...), got ({type(batch[0]).__name__}, "
+                        f"{type(batch[1]).__name__}); an (x, y) pair must hold tensors, not lists")
     return batch[0], batch[1]
 
 
@@ -199,8 +245,18 @@ def train(
         ``"time"`` (seconds).
 
     Raises:
-        TypeError / ValueError naming the bad argument; ``FloatingPointError`` if the loss
-        becomes NaN or infinite (lower ``lr``).
+        TypeError / ValueError naming the bad argument (labels: float/bool -> ``TypeError``,
+        out of range -> ``ValueError``, checked before any parameter or buffer changes for the
+        tensor-pair form and before each batch's forward pass for a loader; a model output that is
+        not one logits tensor -> ``ValueError``); ``FloatingPointError`` if the loss becomes NaN
+        or infinite (lower ``lr``).
+
+    Works when called under ``torch.no_grad()`` or ``torch.inference_mode()`` (autograd is turned
+    on for the training steps; the model must not have been *built* under inference mode).
+
+    Modes: a model in training mode is trained with every submodule's flag as the user set it
+    (submodules in eval mode, e.g. frozen batch norms, stay in eval mode and keep their running
+    statistics); a model in eval mode is put in training mode whole. Flags are restored on return.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -257,8 +313,14 @@ def train(
             if isinstance(gen, torch.Generator):
                 gen.manual_seed(seed)
 
+    check_ce = loss_fn is None  # the class range is only known for the built-in cross-entropy
+    num_classes: Optional[int] = None
     if _is_tensor_pair(loader):
         x_all, y_all = _check_pair(loader, "loader")
+        # every label is checked before the first step (no parameter or buffer changes on bad labels)
+        if check_ce:
+            num_classes = _num_classes(model, x_all[:1].to(dev))
+        y_all = _checked_targets(y_all, x_all.shape[0], "loader", num_classes)
         # Own generator: the shuffle order depends on seed (or, without one, on the global RNG
         # state at call time) and not on how many random numbers the model draws meanwhile.
         shuffle_gen = torch.Generator()
@@ -272,8 +334,9 @@ def train(
     scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=lr_gamma) if milestones else None
 
     history: Dict[str, List[float]] = {"loss": [], "accuracy": [], "lr": [], "time": []}
-    with _preserve_modes(model):
-        model.train()
+    # Training needs autograd whatever the caller's mode (no_grad / inference_mode around the call)
+    with _preserve_modes(model), torch.inference_mode(False), torch.enable_grad():
+        _enter_train_mode(model)
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
             # Sums stay on the device; one host sync per epoch instead of one per batch.
@@ -283,12 +346,16 @@ def train(
             bar = _maybe_tqdm(batches, progress, desc=f"epoch {epoch}/{epochs}", leave=False)
             for batch in bar:
                 x, y = _split_batch(batch, "loader")
-                x, y = x.to(dev), y.to(dev)
                 n = x.shape[0]
                 if n == 0:
                     continue
+                if check_ce and num_classes is None:
+                    num_classes = _num_classes(model, x[:1].to(dev))
+                # labels checked before the forward pass that would update batch-norm buffers
+                y = _checked_targets(y, n, "loader", num_classes)
+                x, y = _normal(x.to(dev)), _normal(y.to(dev))
                 opt.zero_grad(set_to_none=True)
-                logits = model(x)
+                logits = as_logits(model(x), n, check_finite=False)
                 loss = criterion(logits, y)
                 loss.backward()
                 opt.step()
@@ -359,15 +426,18 @@ def evaluate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     correct = torch.zeros((), dtype=torch.int64, device=dev)
     seen = 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
     with _preserve_modes(model), torch.no_grad():
         model.eval()
         for batch in batches:
             x, y = _split_batch(batch, "loader_or_xy")
-            x, y = x.to(dev), y.to(dev)
             n = x.shape[0]
             if n == 0:
                 continue
-            logits = model(x)
+            x = x.to(dev)
+            logits = as_logits(model(x), n, check_finite=False)
+            y = _checked_targets(y, n, "loader_or_xy", logits.shape[1] if loss_fn is None else None).to(dev)
+            nonfinite |= ~torch.isfinite(logits).all()
             if loss_fn is None:
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             else:
@@ -376,4 +446,6 @@ def evaluate(
             seen += n
     if seen == 0:
         raise ValueError("loader_or_xy yielded no examples")
+    if bool(nonfinite):
+        raise ValueError("model returned NaN or Inf logits (check the model and its input)")
     return correct.item() / seen, loss_sum.item() / seen

@@ -4,15 +4,24 @@ Table 10 lists conv64, conv128, pool, conv256 x2, pool, conv512 x2, pool, conv51
 then FC512, FC512, logits: four pools, so a 32x32 image reaches the classifier as 512 x 2 x 2.
 Simonyan & Zisserman's configuration "A" has one more pool, right after the first conv;
 ``pool_after_conv1=True`` builds that layout (512 x 1 x 1 at the classifier for 32x32).
+
+Pre-processing (Ranjan et al. 2017, Sec. 5: "We use mean subtraction of 0.5 as a pre-processing
+step"): the model starts with a :class:`~robustops.models.Normalize` layer (``normalize``,
+per-channel ``x - mean``, default 0.5 for every channel), so it takes pixels in [0, 1] as
+attacks expect. ``mean=None`` removes it; ``mean=CIFAR10_MEAN, std=CIFAR10_STD`` gives the usual
+dataset statistics instead.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Sequence, Union
 
 import torch.nn as nn
 
 from ._common import HeadLike, SizeLike, SpatialTracker, check_layer_factory, check_positive_int, make_head
+from .normalize import Normalize
+
+Stat = Union[None, float, Sequence[float]]
 
 __all__ = ["VGG11", "vgg11"]
 
@@ -24,10 +33,11 @@ _POOL_AFTER = (2, 4, 6, 8)
 class VGG11(nn.Sequential):
     """VGG11 with 3x3 padding-1 convolutions and a 512-512-num_classes classifier.
 
-    Children, in order (``bn*`` only with ``batch_norm=True``; ``drop*`` only with
-    ``dropout > 0``; ``pool0`` only with ``pool_after_conv1=True``)::
+    Children, in order (``normalize`` unless ``mean=None``; ``bn*`` only with
+    ``batch_norm=True``; ``drop*`` only with ``dropout > 0``; ``pool0`` only with
+    ``pool_after_conv1=True``)::
 
-        conv1 [bn1] act1 [pool0] conv2 [bn2] act2 pool1
+        [normalize] conv1 [bn1] act1 [pool0] conv2 [bn2] act2 pool1
         conv3 [bn3] act3 conv4 [bn4] act4 pool2
         conv5 [bn5] act5 conv6 [bn6] act6 pool3
         conv7 [bn7] act7 conv8 [bn8] act8 pool4
@@ -51,6 +61,8 @@ class VGG11(nn.Sequential):
         hidden_features: int = 512,
         dropout: float = 0.0,
         pool_after_conv1: bool = False,
+        mean: Stat = 0.5,
+        std: Stat = None,
     ):
         check_positive_int(in_channels, "in_channels")
         check_positive_int(num_classes, "num_classes")
@@ -65,6 +77,10 @@ class VGG11(nn.Sequential):
 
         size = SpatialTracker(input_size, "vgg11")
         layers = OrderedDict()
+        if mean is not None:
+            layers["normalize"] = Normalize(mean, std, channels=in_channels)
+        elif std is not None:
+            raise ValueError("std without mean: pass mean=0.0 to only divide by std")
         prev = in_channels
         for i, out in enumerate(_CONV_CHANNELS, start=1):
             # A conv followed by batch norm does not need its own bias (BN's shift replaces it).
@@ -114,6 +130,8 @@ def vgg11(
     hidden_features: int = 512,
     dropout: float = 0.0,
     pool_after_conv1: bool = False,
+    mean: Stat = 0.5,
+    std: Stat = None,
 ) -> VGG11:
     """VGG11 (Ranjan et al. 2017, Table 10, CIFAR10 column).
 
@@ -133,6 +151,9 @@ def vgg11(
         hidden_features: width of fc1/fc2 (512 in the paper).
         dropout: dropout after fc1 and fc2 (0 = none, as in the paper's table).
         pool_after_conv1: add Simonyan's first max-pool (see the module docstring).
+        mean, std: the in-model pre-processing ``(x - mean) / std`` per channel (a number or one
+            per channel). Default: the paper's mean subtraction of 0.5, std 1. ``mean=None``: no
+            pre-processing layer.
     """
     return VGG11(
         in_channels,
@@ -147,4 +168,6 @@ def vgg11(
         hidden_features=hidden_features,
         dropout=dropout,
         pool_after_conv1=pool_after_conv1,
+        mean=mean,
+        std=std,
     )
