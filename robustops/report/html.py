@@ -36,6 +36,8 @@ section h2 { margin:0 0 8px; font-size:20px; }
 .status.failed { background:#fdecea; border:1px solid #f2b8b5; color:var(--bad); }
 .note { color:var(--warn); font-size:13.5px; margin:6px 0; }
 .text { font-size:14px; margin:6px 0; }
+.finding { font-size:14px; margin:6px 0; padding:6px 12px; background:#f4f9f1; border-left:4px solid #2e933c;
+           border-radius:0 6px 6px 0; }
 table { border-collapse:collapse; margin:8px 0 4px; font-size:13.5px; width:100%; }
 th, td { border-bottom:1px solid var(--line); padding:5px 8px; text-align:left; vertical-align:top; }
 th { background:#f1f4f8; font-weight:600; }
@@ -118,6 +120,8 @@ def _section(sec) -> str:
             parts.append(f"<figure>{_img(b[1], b[3])}<figcaption>{_esc(b[2])}</figcaption></figure>")
         elif kind == "text":
             parts.append(f'<p class="text">{_esc(b[1])}</p>')
+        elif kind == "finding":
+            parts.append(f'<p class="finding">{_esc(b[1])}</p>')
         elif kind == "note":
             parts.append(f'<p class="note">&#9888; {_esc(b[1])}</p>')
     if sec.seconds:

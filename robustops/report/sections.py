@@ -49,6 +49,10 @@ class Section:
     def note(self, text: str) -> None:
         self.blocks.append(("note", text))
 
+    def finding(self, text: str) -> None:
+        """A sentence computed from this run's numbers (what stands out)."""
+        self.blocks.append(("finding", text))
+
     def put(self, model: str, metric: str, value: str) -> None:
         self.summary.setdefault(model, {})[metric] = value
 
@@ -327,7 +331,7 @@ def robustness(ctx: Context) -> Section:
     rows.append(["C&W-L2 success rate"] + [_pct(results[l]["cw_l2"]["success_rate"]) for l in labels])
     sec.table(headers, rows, f"{n} evaluation images of {ctx.bundle.name}; pixels in [0, 1], L-inf budgets in pixel units.")
     for line in _observations(results, labels, st, eps):
-        sec.text(line)
+        sec.finding(line)
     path = ctx.fig("robustness_curves.png", figures.fgsm_curves, curves, pgd=pgd_pts, autoattack=aa_pts or None)
     sec.figure(path, "FGSM accuracy for each eps (the whole curve from one input gradient per batch, fused "
                      "fgsm_step op); squares: PGD, crosses: AutoAttack at the attack budget.")
@@ -454,7 +458,7 @@ def fragile(ctx: Context) -> Section:
               "SVD filter of S' (clamp, threshold from a noise level searched on held-out training images) "
               "and amplification of S.")
     for line in notes_filter:
-        sec.text(line)
+        sec.finding(line)
     sec.data = {"models": results}
     return sec
 
@@ -600,6 +604,12 @@ def detection(ctx: Context) -> Section:
                 aucs.append("failed")
         results[me.label] = info
         sec.put(me.label, "detector ROC-AUC (ours / FS / NIC)", " / ".join(aucs))
+        got = {k: v["roc_auc_from_scores"] for k, v in info["detectors"].items() if "roc_auc_from_scores" in v}
+        if got:
+            best = max(got, key=got.get)
+            others = ", ".join(f"{k} {v:.3f}" for k, v in got.items() if k != best)
+            sec.finding(f"{me.label}: {best} separates clean from FGSM images best (ROC-AUC {got[best]:.3f}"
+                        f"{'; ' + others if others else ''}).")
     sec.table(["model", "detector", "accuracy", "TPR", "FPR", "ROC-AUC", "notes", "fit time"], rows,
               f"FGSM eps {eps:g}; trained on the first {ntr} training images (those classified correctly) and "
               f"their successful FGSM examples; tested on the evaluation images (correctly classified ones vs "
@@ -729,9 +739,10 @@ def explanations(ctx: Context) -> Section:
             xab = fgsm(model, xb, yb, eps)
             with torch.no_grad():
                 ok = model(xab).argmax(1) == yb
+                pred = model(xab).argmax(1)
             sc = torch.as_tensor(xai.lrp_signatures(model, xb)).reshape(e - s, -1)
             sa = torch.as_tensor(xai.lrp_signatures(model, xab)).reshape(e - s, -1)
-            return {"sig_c": sc, "sig_a": sa, "adv_ok": ok}
+            return {"sig_c": sc, "sig_a": sa, "adv_ok": ok, "adv_pred": pred}
 
         t0 = time.perf_counter()
         r = map_chunks(sig_fn, ns, st.chunk, desc=f"LRP signatures {me.label}")
@@ -746,6 +757,17 @@ def explanations(ctx: Context) -> Section:
             emb = xai.project(sig, method=method, seed=ctx.seed)
         emb = torch.as_tensor(emb).double()
         t_proj = time.perf_counter() - t0
+        # where do successful adversarial signatures land? nearest clean signature (Euclidean, full D)
+        fooled_m = ~r["adv_ok"]
+        if fooled_m.any():
+            d = torch.cdist(r["sig_a"][fooled_m].double(), r["sig_c"].double())
+            near = ys.cpu()[d.argmin(1)]
+            frac = float((near == r["adv_pred"][fooled_m]).double().mean())
+            info["fooled_nearest_clean_is_predicted_class"] = frac
+            sec.finding(f"{me.label}: {100 * frac:.0f}% of the {int(fooled_m.sum())} successful FGSM examples have an LRP "
+                        f"signature whose nearest clean signature belongs to the class the model wrongly predicts"
+                        + (": to the model, the attacked image is explained like an image of that class."
+                           if frac >= 0.5 else "; the others stay nearer clean images of another class."))
         panels[me.label] = {"emb": emb.numpy(), "cls": cls.numpy(), "kind": kind.numpy(), "method": method.upper()}
         info.update(signatures=ns * 2, signature_dim=int(sig.shape[1]), projection=method,
                     attack_success_rate=float((~r["adv_ok"]).double().mean()), signature_seconds=t_sig,
