@@ -114,10 +114,16 @@ class OnePixel(Attack):
             img = x[i]
             count = [0]
 
-            def objective(P, img=img, label=label, count=count):
+            errors = []
+
+            def objective(P, img=img, label=label, count=count, errors=errors):
                 cand = np.atleast_2d(P.T)  # scipy passes (dim, S)
                 count[0] += cand.shape[0]
-                pr = self._probs(self._apply(img, cand))[:, label]
+                try:
+                    pr = self._probs(self._apply(img, cand))[:, label]
+                except ValueError as err:  # e.g. NaN logits: scipy would re-wrap it as RuntimeError
+                    errors.append(err)
+                    raise
                 return (-pr if self.targeted else pr).double().cpu().numpy()
 
             def fooled(params) -> bool:
@@ -127,11 +133,16 @@ class OnePixel(Attack):
             def callback(xk, convergence=None):
                 return fooled(xk)
 
-            res = differential_evolution(
-                objective, bounds, strategy="rand1bin", maxiter=self.steps, popsize=pop_mult,
-                mutation=0.5, recombination=1.0, polish=False, tol=-1, **_seed_kw(base_seed + i),
-                init="random", vectorized=True, updating="deferred", callback=callback,
-            )
+            try:
+                res = differential_evolution(
+                    objective, bounds, strategy="rand1bin", maxiter=self.steps, popsize=pop_mult,
+                    mutation=0.5, recombination=1.0, polish=False, tol=-1, **_seed_kw(base_seed + i),
+                    init="random", vectorized=True, updating="deferred", callback=callback,
+                )
+            except (RuntimeError, ValueError):
+                if errors:  # the model's own error (shared output rule), not scipy's wrapper
+                    raise errors[0] from None
+                raise
             evals[i] = count[0]
             if fooled(res.x):
                 x_adv[i] = self._apply(img, np.asarray(res.x)[None])[0]
