@@ -33,11 +33,11 @@ is, per sample, the successful adversarial with the smallest L2 distance over al
 returned example is the one recorded), or ``x`` itself when none succeeded.
 
 Cost: up to ``binary_search_steps * steps`` forward+backward passes of the batch (9,000 with the
-defaults; early abort usually stops a round after a few hundred). On ``small_cnn`` trained on the
-8x8 digits (200 test images, one CPU thread) the defaults take ~20 s and reach 100% success at a
-mean L2 of 0.62; the old defaults (``c=1, steps=100, binary_search_steps=5``) took ~1 s and
-reached ~88% at 0.86. The C&W paper itself uses 10,000 iterations and ``c0 = 1e-3``
-(``CWL2(model, c=1e-3, steps=10000)``).
+defaults; early abort stops most rounds sooner). On ``small_cnn`` trained on the 8x8 digits (the
+first 200 test images) the defaults made 6,101 passes and reached 100% success at a mean L2 of
+0.532; the old defaults (``c=1, steps=100, binary_search_steps=5``, the authors' start) made 501
+passes and reached 91.8% at 0.701 (96.9% at 0.626 with this start). The C&W paper itself uses
+10,000 iterations and ``c0 = 1e-3`` (``CWL2(model, c=1e-3, steps=10000)``).
 
 Adam is element-wise, so optimising the summed objective of the batch treats every sample
 independently.
