@@ -22,7 +22,8 @@ iterate ``x_{i+1}`` has ``||x_{i+1} - x||_2 > d ||x||_2`` the sample stops at it
 within the budget (still correctly classified: it counts as robust at ``d``). The capped run
 therefore follows the uncapped run step for step and equals it thresholded at ``d`` (a sample
 is broken at ``d`` iff the uncapped DeepFool breaks it with a clipped ratio ``<= d``, as long as
-the ratio grows along the trajectory, which it does for the samples we checked). Clipping only
+the ratio grows along the trajectory; exact on ``small_cnn`` with all 450 digits test images at
+d = 0.1, 0.15, 0.2, 0.3, and tested in tests/test_attacks_rules.py). Clipping only
 shrinks a perturbation, so testing the unclipped ``(1 + overshoot) * r_tot`` instead (as before)
 stopped samples whose real perturbation was still inside the budget.
 

@@ -70,7 +70,10 @@ class PGD(Attack):
         steps: number of iterations (>= 0).
         random_start: start from a uniform point of the eps-box.
         batch_size: samples attacked together (None: :func:`auto_batch_size`); the result does
-            not depend on it for models whose samples do not interact (eval mode).
+            not depend on it for models whose samples do not interact in eval mode. A model with
+            a layer that mixes the samples of a batch even in eval mode (e.g.
+            ``BatchNorm2d(track_running_stats=False)``) sees other batches: pass
+            ``batch_size=len(x)`` to attack it as one batch.
     """
 
     norm = "inf"
