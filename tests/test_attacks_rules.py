@@ -426,6 +426,8 @@ def test_pgd_chunking_is_exact():
     assert torch.equal(PGD(model, eps, 0.02, 4, seed=3, batch_size=4)(x, y), a)
     assert torch.equal(a[0], x[0])
     assert auto_batch_size(torch.zeros(256, 1, 28, 28)) == 83 and auto_batch_size(torch.zeros(9, 1, 8, 8)) == 9
+    assert auto_batch_size(torch.zeros(256, 3, 32, 32)) == 64 and auto_batch_size(torch.zeros(64, 3, 224, 224)) == 16
+    assert auto_batch_size(torch.zeros(5000, 1, 8, 8)) == 1024 and auto_batch_size(torch.zeros(3000, 100)) == 655
 
 
 # ---------------------------------------------------------------------------------------------
