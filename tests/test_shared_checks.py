@@ -119,3 +119,42 @@ def test_guard_nested_restores_once():
             assert not net.training
         assert not net.training and not any(p.requires_grad for p in net.parameters())
     assert net.training and all(p.requires_grad for p in net.parameters())
+
+
+def test_guard_threads_mixed_attacks_same_results():
+    # different attacks on one model at once: each result equals its sequential run and the
+    # user's state (train mode, requires_grad, .grad) comes back once the last one is out
+    net = _net().train()
+    marker = torch.ones_like(net[1].weight)
+    net[1].weight.grad = marker
+    x = torch.rand(16, 1, 8, 8)
+    y = torch.randint(0, 10, (16,))
+    jobs = {
+        "pgd": lambda: attacks.PGD(net, eps=0.1, alpha=0.02, steps=3, seed=0)(x, y),
+        "deepfool": lambda: attacks.DeepFool(net, 10)(x, y).x_adv,
+        "cw": lambda: attacks.CWL2(net, c=1.0, steps=10, binary_search_steps=2)(x, y),
+        "jsma": lambda: attacks.JSMA(net, gamma=0.1)(x, (y + 1) % 10),
+        "curve": lambda: attacks.robust_accuracy_curve(net, (x, y), [0.0, 0.1]),
+    }
+    ref = {k: f() for k, f in jobs.items()}
+    assert net.training
+    out, errors = {}, []
+
+    def work(k):
+        try:
+            for _ in range(3):
+                out[k] = jobs[k]()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in jobs:
+        assert torch.equal(out[k], ref[k]), k
+    assert all(m.training for m in net.modules())
+    assert all(p.requires_grad for p in net.parameters())
+    assert net[1].weight.grad is marker

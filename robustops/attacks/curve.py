@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import EmptyDataError, as_logits, iter_batches
 from .._guard import frozen_model, model_device
 from .._ops import as_eps_tensor, fgsm_step
-from .base import check_bounds, check_images, check_labels, check_logits, maybe_progress
+from .base import check_bounds, check_images, check_labels, maybe_progress
 from .gradients import input_gradient
 
 __all__ = ["robust_accuracy_curve"]
@@ -23,26 +24,15 @@ __all__ = ["robust_accuracy_curve"]
 DataArg = Union[Iterable, Tuple[torch.Tensor, torch.Tensor]]
 
 
-def _batches(data: DataArg, batch_size: int):
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            raise ValueError(f"data: x must be a batch [N, ...], got shape {tuple(x.shape)}")
-        if y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"data: shape mismatch, x has {x.shape[0]} samples but y has shape {tuple(y.shape)}")
-        for s in range(0, x.shape[0], batch_size):
-            yield x[s:s + batch_size], y[s:s + batch_size]
-        return
-    if isinstance(data, torch.Tensor) or not hasattr(data, "__iter__"):
-        raise TypeError(f"data must be a DataLoader (or iterable of (x, y) batches) or an (x, y) pair, got {type(data).__name__}")
-    for i, batch in enumerate(data):
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError(f"data: batch {i} must be an (x, y, ...) tuple, got {type(batch).__name__}")
-        yield batch[0], batch[1]
-
-
 def _checked_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(check_logits(logits, y.shape[0]), y, reduction="sum")
+    # logits already went through the shared output rule (input_gradient); labels are checked
+    # against the model's number of classes here, before cross_entropy could raise IndexError.
+    check_labels(y, logits.shape[0], "y", num_classes=logits.shape[1])
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return as_logits(model(x), x.shape[0]).argmax(1)
 
 
 def robust_accuracy_curve(
@@ -61,8 +51,11 @@ def robust_accuracy_curve(
 
     Args:
         model: classifier returning ``(N, C)`` logits; run in eval mode and restored afterwards.
-        data: a ``DataLoader`` / iterable of ``(x, y, ...)`` batches, or an ``(x, y)`` tensor pair
-            (then split into ``batch_size`` chunks). Labels are the true classes.
+        data: a ``DataLoader`` / iterable of ``(x, y, ...)`` batches (a list of such batches
+            too), or an ``(x, y)`` tensor pair / 2-list (then split into ``batch_size`` chunks);
+            read by :func:`robustops._checks.iter_batches`. Labels are the true classes, any
+            integer dtype, in ``[0, C)``; every batch's ``x`` must be finite and inside
+            ``[lo, hi]``. Empty batches are skipped.
         eps: list or 1-D tensor of K step sizes >= 0.
         lo, hi: pixel bounds; inputs must lie inside them.
         concat_forward: evaluate the ``K*B`` adversarial images of a batch as concatenated
@@ -76,6 +69,16 @@ def robust_accuracy_curve(
 
     Cost per batch: 1 forward+backward + K forwards (inference mode), against K x
     (forward+backward+forward) for a loop of FGSM attacks.
+
+    Every forward goes through the shared output rule (:func:`robustops._checks.as_logits`):
+    tuple/dict outputs without ``logits`` and NaN/Inf logits raise ``ValueError``. Works under
+    ``torch.inference_mode()`` with the same result as a plain call.
+
+    Raises:
+        TypeError: ``data`` is not a pair or an iterable of batches; float/bool labels.
+        ValueError: bad ``eps``, labels out of range, ``x`` outside ``[lo, hi]`` or not finite,
+            a model output that is not ``(N, C)`` finite logits.
+        robustops._checks.EmptyDataError: ``data`` holds no example (a ValueError).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -92,7 +95,9 @@ def robust_accuracy_curve(
     device = model_device(model)
     concat = bool(concat_forward)
     with frozen_model(model):
-        for xb, yb in maybe_progress(_batches(data, batch_size), progress, desc="robust_accuracy_curve"):
+        for xb, yb in maybe_progress(iter_batches(data, batch_size), progress, desc="robust_accuracy_curve"):
+            if xb.dim() >= 1 and xb.shape[0] == 0 and yb.numel() == 0:
+                continue  # an empty batch holds nothing to count
             check_images(xb, lo, hi, "x")
             yb = check_labels(yb, xb.shape[0], "y")
             xb, yb = xb.detach().to(device), yb.to(device)
@@ -102,13 +107,13 @@ def robust_accuracy_curve(
             with torch.inference_mode():
                 if concat:
                     flat = x_adv.flatten(0, 1)
-                    pred = torch.cat([model(flat[i:i + forward_batch]).argmax(1)
+                    pred = torch.cat([_predict(model, flat[i:i + forward_batch])
                                       for i in range(0, flat.shape[0], forward_batch)]).view(K, -1)
                     correct += (pred == yb).sum(1).cpu()
                 else:
-                    hits = torch.stack([(model(x_adv[k]).argmax(1) == yb).sum() for k in range(K)])
+                    hits = torch.stack([(_predict(model, x_adv[k]) == yb).sum() for k in range(K)])
                     correct += hits.cpu()
             total += xb.shape[0]
     if total == 0:
-        raise ValueError("data is empty (0 samples)")
+        raise EmptyDataError("data is empty (0 samples)")
     return correct.double() / total

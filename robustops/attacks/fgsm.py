@@ -27,15 +27,18 @@ class FGSM(Attack):
 
     Args:
         model: classifier returning logits.
-        eps: L-inf budget, a number or one value per sample (tensor ``[N]``), >= 0.
+        eps: L-inf budget, a number or one value per sample (tensor ``[N]``), >= 0; default
+            ``8/255 * (hi - lo)`` (the default scales with the pixel range).
         targeted: ``y`` holds target classes and the step descends their loss.
         loss: ``loss(logits, y) -> scalar``; default cross-entropy with ``reduction="sum"``.
         lo, hi: pixel bounds.
     """
 
-    def __init__(self, model, eps: EpsArg = 8 / 255, *, targeted: bool = False, loss: Optional[LossFn] = None,
+    def __init__(self, model, eps: Optional[EpsArg] = None, *, targeted: bool = False, loss: Optional[LossFn] = None,
                  lo: float = 0.0, hi: float = 1.0, seed: Optional[int] = None, progress: bool = False):
         super().__init__(model, targeted=targeted, lo=lo, hi=hi, seed=seed, progress=progress)
+        if eps is None:
+            eps = 8 / 255 * (self.hi - self.lo)
         per_sample(eps, 1 if not isinstance(eps, torch.Tensor) else eps.numel(), "eps")  # early check
         if loss is not None and not callable(loss):
             raise TypeError(f"loss must be callable(logits, y) -> scalar, got {type(loss).__name__}")

@@ -13,6 +13,15 @@ Substitute training, rounds ``r = 0 .. rounds-1``::
 
 Then ``x_adv = clip(x + eps * sign(grad_x CE(F(x), y)))`` for every eps (fused ``fgsm_step``)
 and the oracle's accuracy on ``x_adv`` is the black-box robust accuracy.
+
+Oracle queries: only the points added in a round are sent to the oracle (the labels of ``S_r``
+are kept), so training costs ``|S_{rounds-1}| = |S_0| * 2^(rounds-1)`` label queries, Papernot et
+al.'s count (150 seeds and 3 rounds: 600). ``SubstituteResult.queries`` is that number; the
+evaluation afterwards (labels of ``x_attack`` and of each ``x_adv[k]``) is not counted.
+
+Reproducibility: the whole call runs under ``torch.random.fork_rng``; the default substitute is
+initialised after ``torch.manual_seed(seed)`` and each round's training is seeded with
+``seed + r``. Same ``seed``, same result, and the caller's global RNG state is left as it was.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._gradients import autograd_on
 from .._guard import frozen_model, model_device
 from .._ops import as_eps_tensor, fgsm_step
 from .base import check_bounds, check_images, check_labels, check_logits, check_nonneg, maybe_progress
@@ -60,11 +70,11 @@ def substitute_attack(
     x_seed: torch.Tensor,
     x_attack: torch.Tensor,
     y_attack: Optional[torch.Tensor] = None,
-    eps: Union[float, Sequence[float], torch.Tensor] = 0.3,
+    eps: Union[None, float, Sequence[float], torch.Tensor] = None,
     *,
     substitute: Optional[nn.Module] = None,
     rounds: int = 6,
-    lam: float = 0.1,
+    lam: Optional[float] = None,
     tau: Optional[int] = None,
     epochs: int = 10,
     lr: float = 1e-3,
@@ -81,12 +91,20 @@ def substitute_attack(
         x_seed: the attacker's initial substitute training set ``S_0`` (Papernot et al.: 150
             test images), in ``[lo, hi]``.
         x_attack, y_attack: images to attack and their true labels (None: the oracle's labels).
-        eps: FGSM budget(s) on the substitute (number, list or 1-D tensor).
+        eps: FGSM budget(s) on the substitute (number, list or 1-D tensor); default
+            ``0.3 * (hi - lo)`` (Papernot et al.'s MNIST budget, scaled to the pixel range).
         substitute: the model trained in place (default: ``robustops.models.lenet`` sized from
             ``x_seed``; needs 12x12 inputs or larger).
         rounds: substitute training rounds (``rounds - 1`` augmentations, |S| doubles each).
-        lam: Jacobian augmentation step lambda; tau: sign-alternation period (None: off).
+        lam: Jacobian augmentation step lambda, default ``0.1 * (hi - lo)`` (Papernot et al.);
+            tau: sign-alternation period (None: off).
         epochs, lr, batch_size: substitute training per round (Adam), seeded with ``seed``.
+        seed: seeds the default substitute's initialisation and every round's training; the
+            call runs under ``torch.random.fork_rng`` so the caller's RNG is untouched.
+
+    Works under ``torch.inference_mode()`` (same result as a plain call). Raises ``TypeError`` /
+    ``ValueError`` naming the argument for bad input, and ``ValueError`` when the oracle or the
+    substitute returns anything but finite ``(N, C)`` logits.
     """
     if not isinstance(oracle, nn.Module):
         raise TypeError(f"oracle must be a torch.nn.Module, got {type(oracle).__name__}")
@@ -96,7 +114,8 @@ def substitute_attack(
     if x_seed.shape[1:] != x_attack.shape[1:]:
         raise ValueError(f"x_seed and x_attack must have the same sample shape, got {tuple(x_seed.shape[1:])} "
                          f"and {tuple(x_attack.shape[1:])}")
-    eps_t = as_eps_tensor(eps)
+    eps_t = as_eps_tensor(0.3 * (hi - lo) if eps is None else eps)
+    lam = 0.1 * (hi - lo) if lam is None else lam
     rounds = check_nonneg(rounds, "rounds", integer=True, positive=True)
     lam = check_nonneg(lam, "lam")
     epochs = check_nonneg(epochs, "epochs", integer=True, positive=True)
@@ -105,45 +124,64 @@ def substitute_attack(
     seed = check_nonneg(seed, "seed", integer=True)
     from .. import models
 
-    y_true = oracle_labels(oracle, x_attack) if y_attack is None else check_labels(y_attack, x_attack.shape[0], "y_attack")
-    if substitute is None:
+    devices = sorted({t.device.index or 0 for t in (x_seed, x_attack) if t.device.type == "cuda"}
+                     | ({model_device(substitute).index or 0} if isinstance(substitute, nn.Module)
+                        and model_device(substitute).type == "cuda" else set()))
+    with torch.random.fork_rng(devices=devices), autograd_on():
+        x_seed, x_attack = _normal(x_seed), _normal(x_attack)
         num_classes = check_logits(_peek(oracle, x_seed[:1]), 1).shape[1]
-        if x_seed.dim() != 4:
-            raise ValueError("the default LeNet substitute needs images [N, C, H, W]; pass substitute=")
-        substitute = models.lenet(in_channels=x_seed.shape[1], num_classes=num_classes,
-                                  input_size=tuple(x_seed.shape[2:]))
-    elif not isinstance(substitute, nn.Module):
-        raise TypeError(f"substitute must be a torch.nn.Module, got {type(substitute).__name__}")
-    sub_device = model_device(substitute, x_seed.device)
+        if y_attack is None:
+            y_true = oracle_labels(oracle, x_attack)
+        else:
+            y_true = check_labels(_normal(y_attack), x_attack.shape[0], "y_attack", num_classes=num_classes)
+        if substitute is None:
+            if x_seed.dim() != 4:
+                raise ValueError("the default LeNet substitute needs images [N, C, H, W]; pass substitute=")
+            torch.manual_seed(seed)
+            substitute = models.lenet(in_channels=x_seed.shape[1], num_classes=num_classes,
+                                      input_size=tuple(x_seed.shape[2:]))
+        elif not isinstance(substitute, nn.Module):
+            raise TypeError(f"substitute must be a torch.nn.Module, got {type(substitute).__name__}")
+        sub_device = model_device(substitute, x_seed.device)
 
-    def label_of_logit(logits, labels):  # the Jacobian row of the oracle's label
-        return logits.gather(1, labels[:, None]).sum()
+        def label_of_logit(logits, labels):  # the Jacobian row of the oracle's label
+            return logits.gather(1, labels[:, None]).sum()
 
-    S = x_seed.detach().to(sub_device)
-    queries = 0
-    for r in maybe_progress(range(rounds), progress, desc="substitute"):
-        labels = oracle_labels(oracle, S)
-        queries += S.shape[0]
-        models.train(substitute, (S, labels), epochs=epochs, optimizer="adam", lr=lr,
-                     batch_size=batch_size, seed=seed + r)
-        if r < rounds - 1:
-            step = lam * (-1.0) ** (r // tau) if tau else lam
-            with frozen_model(substitute):
-                grads = torch.cat([input_gradient(substitute, S[i:i + 1024], labels[i:i + 1024],
-                                                  loss_fn=label_of_logit)[0]
-                                   for i in range(0, S.shape[0], 1024)])
-            S = torch.cat([S, torch.clamp(S + step * grads.sign(), lo, hi)])
+        S = x_seed.detach().to(sub_device)
+        labels = oracle_labels(oracle, S)  # S_0
+        for r in maybe_progress(range(rounds), progress, desc="substitute"):
+            models.train(substitute, (S, labels), epochs=epochs, optimizer="adam", lr=lr,
+                         batch_size=batch_size, seed=seed + r)
+            if r < rounds - 1:
+                step = lam * (-1.0) ** (r // tau) if tau else lam
+                with frozen_model(substitute):
+                    grads = torch.cat([input_gradient(substitute, S[i:i + 1024], labels[i:i + 1024],
+                                                      loss_fn=label_of_logit)[0]
+                                       for i in range(0, S.shape[0], 1024)])
+                new = torch.clamp(S + step * grads.sign(), lo, hi)
+                S = torch.cat([S, new])
+                labels = torch.cat([labels, oracle_labels(oracle, new)])  # only the new points are queried
+        queries = S.shape[0]
 
-    xa = x_attack.detach().to(sub_device)
-    ya = y_true.to(sub_device)
-    with frozen_model(substitute):
-        grad, sub_logits = input_gradient(substitute, xa, ya)
-        x_adv = fgsm_step(xa, grad, eps_t, lo, hi)
-    oracle_clean = oracle_labels(oracle, xa)
-    agreement = float((sub_logits.argmax(1) == oracle_clean).double().mean())
-    clean_acc = float((oracle_clean == ya).double().mean())
-    adv_acc = torch.stack([(oracle_labels(oracle, x_adv[k]) == ya).double().mean() for k in range(eps_t.numel())]).cpu()
+        xa = x_attack.detach().to(sub_device)
+        ya = y_true.to(sub_device)
+        with frozen_model(substitute):
+            grad, sub_logits = input_gradient(substitute, xa, ya)
+            x_adv = fgsm_step(xa, grad, eps_t, lo, hi)
+        oracle_clean = oracle_labels(oracle, xa)
+        agreement = float((sub_logits.argmax(1) == oracle_clean).double().mean())
+        clean_acc = float((oracle_clean == ya).double().mean())
+        adv_acc = torch.stack([(oracle_labels(oracle, x_adv[k]) == ya).double().mean()
+                               for k in range(eps_t.numel())]).cpu()
     return SubstituteResult(substitute, x_adv.to(x_attack.device), eps_t, clean_acc, adv_acc, agreement, queries)
+
+
+def _normal(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy when it was made under ``torch.inference_mode``."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
 
 
 def _peek(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
