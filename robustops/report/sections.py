@@ -87,7 +87,7 @@ class Settings:
             return cls(True, min(n, 96), 32, [0.0, 0.05, 0.1, 0.2, 0.3], eps, 5, 20, min(n, 16), 10, 2,
                        min(n, 16), 96, 0.2, 30, min(n, 48), 3, [0.02, 0.1])
         return cls(False, n, 64, [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3], eps, 20, 50, min(n, 100),
-                   50 if not big else 30, 4, min(n, 100), 600, 0.2, 300, min(n, 400), 4,
+                   50 if not big else 30, 4, min(n, 64), 600, 0.2, 300, min(n, 400), 4,
                    [0.01, 0.02, 0.05, 0.1, 0.2])
 
 
@@ -154,10 +154,17 @@ def _autoattack_class():
     return cls, None
 
 
-def _run_autoattack(cls, model, x, y, eps, seed, chunk):
-    """AutoAttack "standard" on ``(x, y)``; returns a JSON-able dict. AutoAttack shards its own
-    chunks under torchrun (every rank calls it on all points and gets the whole result)."""
-    kw = dict(norm="Linf", eps=eps, version="standard", seed=seed)
+def _run_autoattack(cls, model, x, y, eps, seed, chunk, quick=False):
+    """AutoAttack on ``(x, y)`` ("standard"; quick settings: APGD-CE + APGD-T only); returns a
+    JSON-able dict. AutoAttack shards its own chunks under torchrun (every rank calls it on all
+    points and gets the whole result)."""
+    kw = dict(norm="Linf", eps=eps, seed=seed)
+    version = "standard"
+    if quick:
+        kw["attacks"] = ["apgd-ce", "apgd-t"]
+        version = "APGD-CE + APGD-T (quick)"
+    else:
+        kw["version"] = "standard"
     try:
         aa = cls(model, batch_size=chunk, warn=False, progress=progress_enabled(), **kw)
     except TypeError:  # an AutoAttack without those keywords
@@ -169,7 +176,7 @@ def _run_autoattack(cls, model, x, y, eps, seed, chunk):
     with torch.no_grad():
         robust = model(x_adv).argmax(1) == y
     out = {"robust_accuracy": float(robust.double().mean()), "n": int(x.shape[0]), "eps": eps,
-           "version": "standard", "seconds": secs, "flags": []}
+           "version": version, "seconds": secs, "flags": []}
     if res is not None:
         get = (lambda k, d=None: res.get(k, d)) if isinstance(res, dict) else (lambda k, d=None: getattr(res, k, d))
         ra = get("robust_accuracy")
@@ -286,7 +293,7 @@ def robustness(ctx: Context) -> Section:
         aa = None
         if aa_cls is not None:
             try:
-                aa = _run_autoattack(aa_cls, model, x[:st.n_aa], y[:st.n_aa], eps, ctx.seed, st.chunk)
+                aa = _run_autoattack(aa_cls, model, x[:st.n_aa], y[:st.n_aa], eps, ctx.seed, st.chunk, st.quick)
                 times["autoattack"] = aa["seconds"]
                 counts["autoattack"] = st.n_aa
                 aa_pts[me.label] = (eps, aa["robust_accuracy"])
@@ -322,7 +329,8 @@ def robustness(ctx: Context) -> Section:
         rows.append([f"FGSM accuracy, eps {e:g}"] + [_pct(results[l]["fgsm"]["accuracy"][j]) for l in labels])
     rows.append([f"PGD accuracy, eps {eps:g}, {st.pgd_steps} steps, random start"] +
                 [_pct(results[l]["pgd"]["accuracy"]) for l in labels])
-    rows.append([f"AutoAttack (standard) accuracy, eps {eps:g}, first {st.n_aa} points"] +
+    rows.append([f"AutoAttack ({'APGD-CE + APGD-T, quick' if st.quick else 'standard'}) accuracy, eps {eps:g}, "
+                 f"first {st.n_aa} points"] +
                 [_pct(results[l]["autoattack"].get("robust_accuracy")) if "robust_accuracy" in results[l]["autoattack"]
                  else ("failed" if "error" in results[l]["autoattack"] else "not available") for l in labels])
     rows.append(["DeepFool median L2 perturbation"] + [_num(results[l]["deepfool"]["median_l2"]) for l in labels])
@@ -343,15 +351,24 @@ def robustness(ctx: Context) -> Section:
             a = results[l]["autoattack"]
             if "error" in a:
                 sec.note(f"AutoAttack failed on {l}: {a['error']}")
-            elif a.get("flags"):
-                sec.note(f"AutoAttack integrity flags on {l}: " + "; ".join(a["flags"]))
             else:
-                sec.text(f"AutoAttack raised no integrity flag on {l} (no sign of gradient masking).")
+                steps = a.get("accuracy_after") or {}
+                ts = a.get("attack_seconds") or {}
+                if steps:
+                    sec.text(f"AutoAttack ({a['version']}) on {l}, robust accuracy after each attack: " +
+                             ", ".join(f"{k} {_pct(v)} ({_secs(ts[k]) if k in ts else 'n/a'})" for k, v in steps.items())
+                             + ".")
+                if a.get("flags"):
+                    sec.note(f"AutoAttack integrity flags on {l}: " + "; ".join(a["flags"]))
+                else:
+                    sec.text(f"AutoAttack raised no integrity flag on {l} (no zero gradients, no sign of gradient "
+                             f"masking).")
     # timing table
     trow = []
     names = [("clean", "clean forward"), ("fgsm", f"FGSM curve ({len(st.fgsm_eps)} eps, one gradient)"),
              ("pgd", f"PGD ({st.pgd_steps} steps)"), ("deepfool", f"DeepFool (<= {st.deepfool_steps} steps)"),
-             ("cw_l2", f"C&W-L2 ({st.cw_search} x {st.cw_steps} steps)"), ("autoattack", "AutoAttack standard")]
+             ("cw_l2", f"C&W-L2 ({st.cw_search} x {st.cw_steps} steps)"),
+             ("autoattack", "AutoAttack " + ("(APGD-CE + APGD-T)" if st.quick else "standard"))]
     for key, name in names:
         row = [name]
         for l in labels:
