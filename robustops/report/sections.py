@@ -162,7 +162,7 @@ def _run_autoattack(cls, model, x, y, eps, seed, chunk, quick=False):
     version = "standard"
     if quick:
         kw["attacks"] = ["apgd-ce", "apgd-t"]
-        version = "APGD-CE + APGD-T (quick)"
+        version = "APGD-CE + APGD-T, quick settings"
     else:
         kw["version"] = "standard"
     try:
@@ -356,7 +356,8 @@ def robustness(ctx: Context) -> Section:
                 ts = a.get("attack_seconds") or {}
                 if steps:
                     sec.text(f"AutoAttack ({a['version']}) on {l}, robust accuracy after each attack: " +
-                             ", ".join(f"{k} {_pct(v)} ({_secs(ts[k]) if k in ts else 'n/a'})" for k, v in steps.items())
+                             ", ".join(f"{k} {_pct(v)} ({_secs(ts[k]) if k in ts else 'not run: no point left'})"
+                                       for k, v in steps.items())
                              + ".")
                 if a.get("flags"):
                     sec.note(f"AutoAttack integrity flags on {l}: " + "; ".join(a["flags"]))
