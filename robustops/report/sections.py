@@ -216,6 +216,14 @@ def _observations(results: dict, labels: List[str], st: "Settings", eps: float) 
         out.append(f"At the largest FGSM eps ({st.fgsm_eps[-1]:g}) {better} keeps more accuracy "
                    f"({100 * max(fa, fb):.1f}% vs {100 * min(fa, fb):.1f}%); DeepFool needs a median L2 of "
                    f"{da:.3f} on {a} and {db:.3f} on {b} to flip a prediction.")
+        aa_a = ra["autoattack"].get("robust_accuracy") if isinstance(ra["autoattack"], dict) else None
+        aa_b = rb["autoattack"].get("robust_accuracy") if isinstance(rb["autoattack"], dict) else None
+        fa_k, fb_k = ra["fgsm"]["accuracy"][k], rb["fgsm"]["accuracy"][k]
+        if aa_a is not None and aa_b is not None and (fa_k - fb_k) * (aa_a - aa_b) < 0:
+            aa_better = a if aa_a > aa_b else b
+            out.append(f"The ranking flips under AutoAttack at eps {eps:g}: FGSM says {b if fb_k > fa_k else a} is "
+                       f"more robust ({100 * max(fa_k, fb_k):.1f}% vs {100 * min(fa_k, fb_k):.1f}%), AutoAttack says "
+                       f"{aa_better} ({100 * max(aa_a, aa_b):.1f}% vs {100 * min(aa_a, aa_b):.1f}%).")
     return out
 
 
