@@ -569,10 +569,10 @@ def detection(ctx: Context) -> Section:
         # training: the correctly classified images and their FGSM examples, paired (the detectors keep
         # the pairs whose attack succeeded); test: correctly classified images vs successful attacks
         ok_tr = tr["clean_ok"]
-        xc_tr, xa_tr = x_tr[ok_tr], tr["x_adv"][ok_tr].to(ctx.device)
+        xc_tr, xa_tr = x_tr[ok_tr.to(x_tr.device)], tr["x_adv"][ok_tr].to(ctx.device)
         n_adv_tr = int((ok_tr & ~tr["adv_ok"]).sum())
         m_te = te["clean_ok"] & ~te["adv_ok"]
-        xc_te, xa_te = x_te[te["clean_ok"]], te["x_adv"][m_te].to(ctx.device)
+        xc_te, xa_te = x_te[te["clean_ok"].to(x_te.device)], te["x_adv"][m_te].to(ctx.device)
         info = {"fgsm_eps": eps, "n_train_clean": int(xc_tr.shape[0]), "n_train_adv": n_adv_tr,
                 "n_test_clean": int(xc_te.shape[0]), "n_test_adv": int(xa_te.shape[0]), "detectors": {}}
         if n_adv_tr < 2 or xa_te.shape[0] < 2:

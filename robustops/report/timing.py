@@ -24,15 +24,19 @@ def interleaved_median(fns: Dict[str, Callable[[], object]], rounds: int, min_ti
     """Median seconds per call of each function. One warm-up call each; then ``rounds`` rounds in
     which every function runs repeatedly for at least ``min_time`` seconds (the per-call time of the
     round is kept)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for fn in fns.values():
         fn()
     per_round: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            sync()
             n, t0 = 0, time.perf_counter()
             while True:
                 fn()
                 n += 1
+                sync()
                 el = time.perf_counter() - t0
                 if el >= min_time:
                     break
@@ -57,7 +61,7 @@ def _fgsm_step(x: torch.Tensor, rounds: int, min_time: float) -> dict:
     from robustops import ops
 
     gen = torch.Generator().manual_seed(0)
-    g = torch.randn(x.shape, generator=gen).to(x.device)
+    g = torch.randn(x.shape, generator=gen).to(x.device)  # noqa: same values on every device
     K = 10
     eps_list = [0.3 * (k + 1) / K for k in range(K)]
 
@@ -108,23 +112,23 @@ def _compact_conv(x: torch.Tensor, conv: Optional[nn.Module], rounds: int, min_t
     gen = torch.Generator().manual_seed(0)
     if conv is not None and getattr(conv, "groups", 1) == 1:
         w = conv.weight.detach()
-        b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
+        b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0], device=w.device)
         pad = conv.padding[0] if isinstance(conv.padding, tuple) else 0
         alpha = float(getattr(conv, "alpha", torch.tensor(1.0)).detach().reshape(-1)[0])
         delta = float(getattr(conv, "delta", 0.01))
     else:
-        w = torch.randn(32, x.shape[1], 3, 3, generator=gen) / 3.0
-        b = torch.zeros(32)
+        w = (torch.randn(32, x.shape[1], 3, 3, generator=gen) / 3.0).to(x.device)
+        b = torch.zeros(32, device=x.device)
         pad, alpha, delta = 1, 1.0, 0.01
     k = w.shape[-1]
-    a_t = torch.tensor(alpha)
+    a_t = torch.tensor(alpha, device=x.device)
 
     def fused():
         return ops.compact_conv2d(x, w, b, 1, pad, 1, 1, a_t, delta)
 
     def naive():
         u = F.conv2d(x, w, None, 1, pad)
-        ones = torch.ones(1, 1, k, k, dtype=x.dtype)
+        ones = torch.ones(1, 1, k, k, dtype=x.dtype, device=x.device)
         s = F.conv2d((x * x).sum(1, keepdim=True), ones, None, 1, pad)
         return alpha * u / (s.sqrt() + delta) + b.view(1, -1, 1, 1)
 
