@@ -171,7 +171,12 @@ def test_two_torchrun_ranks_give_one_process_numbers(tmp_path):
     one = subprocess.run([sys.executable, "-m", "robustops.cli", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+    import socket
+
+    with socket.socket() as sock:  # a free port: other torchrun jobs may share this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "-m", "robustops.cli", *args, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert two.returncode == 0, two.stdout + two.stderr
