@@ -54,10 +54,13 @@ constexpr int64_t kTile = 256;        // output pixels per direct-path task (mul
 
 // Output positions o in [0, out) whose tap o*stride + off lands inside [0, in): returns [lo, hi).
 inline void valid_range(int64_t off, int64_t stride, int64_t in, int64_t out, int64_t& lo, int64_t& hi) {
-  // need 0 <= o*stride + off <= in - 1
-  lo = off >= 0 ? 0 : (-off + stride - 1) / stride;
+  // need 0 <= o*stride + off <= in - 1. Written so that nothing overflows for any geometry the
+  // checks accept (|off| <= padded size, stride up to INT64_MAX): ceil(-off / stride) as
+  // (-off - 1) / stride + 1, never -off + stride - 1.
+  lo = off >= 0 ? 0 : (-off - 1) / stride + 1;
   const int64_t last = in - 1 - off;
   hi = last < 0 ? 0 : std::min(out, last / stride + 1);
+  if (lo > out) lo = out;
   if (hi < lo) hi = lo;
 }
 
@@ -95,12 +98,12 @@ void patch_sumsq_plane(const T* __restrict__ xg, const CompactConvGeom& g, T* __
     valid_range(off, g.sw, g.W, g.Wo, lo, hi);
     if (lo >= hi) continue;
     for (int64_t ih = 0; ih < g.H; ++ih) {
-      const T* q = Q + ih * g.W + off;
+      const T* q = Q + ih * g.W + (lo * g.sw + off);  // first valid tap of the row
       T* r = R + ih * g.Wo;
       if (g.sw == 1) {
-        for (int64_t ow = lo; ow < hi; ++ow) r[ow] += q[ow];
+        for (int64_t ow = lo; ow < hi; ++ow) r[ow] += q[ow - lo];
       } else {
-        for (int64_t ow = lo; ow < hi; ++ow) r[ow] += q[ow * g.sw];
+        for (int64_t ow = lo; ow < hi; ++ow) r[ow] += q[(ow - lo) * g.sw];
       }
     }
   }
@@ -141,12 +144,12 @@ void patch_boxsum_adjoint_plane(const T* __restrict__ gq, const CompactConvGeom&
     valid_range(off, g.sw, g.W, g.Wo, lo, hi);
     if (lo >= hi) continue;
     for (int64_t ih = 0; ih < g.H; ++ih) {
-      T* gm = Gm + ih * g.W + off;
+      T* gm = Gm + ih * g.W + (lo * g.sw + off);  // first valid tap of the row
       const T* t = Tm + ih * g.Wo;
       if (g.sw == 1) {
-        for (int64_t ow = lo; ow < hi; ++ow) gm[ow] += t[ow];
+        for (int64_t ow = lo; ow < hi; ++ow) gm[ow - lo] += t[ow];
       } else {
-        for (int64_t ow = lo; ow < hi; ++ow) gm[ow * g.sw] += t[ow];
+        for (int64_t ow = lo; ow < hi; ++ow) gm[(ow - lo) * g.sw] += t[ow];
       }
     }
   }
@@ -232,11 +235,11 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
             continue;
           }
           for (int64_t ow = ow0; ow < a; ++ow) d[ow] = T(0);
-          const T* __restrict__ src = xc + ih * g.W + offw;
+          const T* __restrict__ src = xc + ih * g.W + (a * g.sw + offw);  // tap of output column a
           if (g.sw == 1) {
-            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow];
+            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow - a];
           } else {
-            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow * g.sw];
+            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[(ow - a) * g.sw];
           }
           for (int64_t ow = b; ow < ow1; ++ow) d[ow] = T(0);
         }
