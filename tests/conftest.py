@@ -41,6 +41,6 @@ except ImportError:  # hypothesis is in the `test` extra; without it those tests
     pass
 else:
     _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
-    settings.register_profile("ci", max_examples=40, derandomize=True, **_common)
+    settings.register_profile("ci", max_examples=75, derandomize=True, **_common)
     settings.register_profile("deep", max_examples=3000, **_common)
     settings.load_profile("ci")
