@@ -62,6 +62,37 @@ def test_forward_matches_reference(cfg, dtype, cpu_path):
     torch.testing.assert_close(y, r, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_direct_path_every_isa_and_streaming_stores(isa, monkeypatch):
+    """The direct path's micro-kernel is built for baseline x86-64, AVX2 and AVX-512 (picked at run
+    time, capped by ROBUSTOPS_COMPACT_CONV_ISA); outputs >= 4 MB are written with streaming stores,
+    including unaligned rows and partial micro-tiles."""
+    monkeypatch.setenv("ROBUSTOPS_COMPACT_CONV_IMPL", "direct")
+    monkeypatch.setenv("ROBUSTOPS_COMPACT_CONV_ISA", isa)
+    for dtype in (torch.float32, torch.float64):
+        for cfg in CONFIGS[:6]:
+            xs, ws, stride, padding, dilation, groups = cfg
+            x, w, b = make(xs, ws, dtype)
+            y = compact_conv2d(x, w, b, stride, padding, dilation, groups, 1.7, 0.01)
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(y, reference(x, w, b, stride, padding, dilation, groups, 1.7, 0.01),
+                                       rtol=tol, atol=tol)
+        # large outputs: 64B-aligned rows (28x28) and rows of odd length (27x29), 1 and 2 threads
+        for n_img, hw, cout in ((48, (28, 28), 32), (64, (27, 29), 24)):
+            x, w, b = make((n_img, 1, *hw), (cout, 1, 3, 3), dtype)
+            ref = reference(x, w, b, 1, 1, 1, 1, 2.0, 0.01)
+            assert ref.numel() * ref.element_size() >= 4 << 20
+            for threads in (1, 2):
+                n = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    y = compact_conv2d(x, w, b, 1, 1, 1, 1, 2.0, 0.01)
+                finally:
+                    torch.set_num_threads(n)
+                tol = 1e-5 if dtype == torch.float32 else 1e-12
+                torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+
+
 def test_auto_path_and_no_bias():
     for xs, ws in [((2, 3, 10, 10), (4, 3, 3, 3)), ((2, 32, 6, 6), (4, 32, 3, 3))]:
         x, w, _ = make(xs, ws, torch.float64)

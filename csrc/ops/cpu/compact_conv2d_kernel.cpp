@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -46,7 +47,7 @@ namespace robustops {
 namespace {
 
 constexpr int64_t kDirectMaxK = 80;   // largest C/groups*kh*kw handled by the fused direct path
-constexpr int64_t kTile = 256;        // output pixels per direct-path task (multiple of every kPix)
+constexpr int64_t kTile = 256;        // output pixels per direct-path task (multiple of every micro-tile)
 
 // ---------------------------------------------------------------------------------------------
 // Small geometry helpers
@@ -158,42 +159,82 @@ void patch_boxsum_adjoint_plane(const T* __restrict__ gq, const CompactConvGeom&
 // ---------------------------------------------------------------------------------------------
 // Direct fused path
 // ---------------------------------------------------------------------------------------------
-template <typename T>
+// SIMD width (bytes), output channels per micro-tile and store flavour are template parameters, so
+// one body is compiled three times on x86-64: baseline (32-byte GCC vectors, emulated with SSE),
+// AVX2+FMA (ymm, 6 channels x 2 vectors: 12 accumulators of 16 registers) and AVX-512 (zmm,
+// 8 channels x 2 vectors: 16 accumulators of 32 registers, no padded channel blocks for the
+// common multiples of 8). The best one the CPU supports is picked at run time.
+enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+template <typename T, int VB>
 struct Simd {
-  typedef T vec __attribute__((vector_size(32)));
-  typedef T uvec __attribute__((vector_size(32), aligned(sizeof(T))));  // unaligned access
-  static constexpr int kLanes = 32 / sizeof(T);
+  typedef T vec __attribute__((vector_size(VB)));
+  typedef T uvec __attribute__((vector_size(VB), aligned(sizeof(T))));  // unaligned access
+  static constexpr int kLanes = VB / sizeof(T);
   static inline __attribute__((always_inline)) vec load(const T* p) { return *reinterpret_cast<const uvec*>(p); }
   static inline __attribute__((always_inline)) void store(T* p, const vec& v) { *reinterpret_cast<uvec*>(p) = v; }
 };
 
-constexpr int kCoBlock = 6;  // output channels per micro-tile
-constexpr int kNVec = 2;     // SIMD vectors of pixels per micro-tile
+// Non-temporal (streaming) store of one aligned vector: the output line goes to memory without
+// being read first (no read-for-ownership) and without evicting the inputs from the cache. Inline
+// asm, so that the shared body needs no target-specific intrinsics.
+template <typename T, int VB, int ISA>
+inline __attribute__((always_inline)) void stream_store(T* p, const typename Simd<T, VB>::vec& v) {
+  using vec = typename Simd<T, VB>::vec;
+#ifdef ROBUSTOPS_X86_DISPATCH
+  if constexpr (ISA == kAvx2 && VB == 32) {
+    if constexpr (sizeof(T) == 4) {
+      asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "x"(v));
+    } else {
+      asm volatile("vmovntpd %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "x"(v));
+    }
+    return;
+  } else if constexpr (ISA == kAvx512 && VB == 64) {
+    if constexpr (sizeof(T) == 4) {
+      asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "v"(v));
+    } else {
+      asm volatile("vmovntpd %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "v"(v));
+    }
+    return;
+  }
+#endif
+  *reinterpret_cast<vec*>(p) = v;
+}
 
-template <typename T>
+inline void store_fence() {
+#ifdef ROBUSTOPS_X86_DISPATCH
+  asm volatile("sfence" ::: "memory");  // order the streaming stores before the op returns
+#endif
+}
+
+constexpr int kNVec = 2;  // SIMD vectors of pixels per micro-tile
+
+template <typename T, int VB>
 inline constexpr int64_t pix_per_micro() {
-  return static_cast<int64_t>(kNVec) * Simd<T>::kLanes;
+  return static_cast<int64_t>(kNVec) * Simd<T, VB>::kLanes;
 }
 
 // Arguments of one direct-path task: pixels [p0, p0 + cnt) of image n, group grp.
 template <typename T>
 struct DirectArgs {
   const T* x;       // [N, C, H, W]
-  const T* wpack;   // per group, per block of kCoBlock output channels: [K][kCoBlock]
+  const T* wpack;   // per group, per block of CO output channels: [K][CO]
   const T* bias;    // [Cout] or nullptr
   T* y;             // [N, Cout, Ho, Wo]
   T* cols;          // scratch [K][ldc]
   T* inv;           // scratch [ldc]
   int64_t ldc;
   T alpha, delta;
+  bool stream;      // streaming stores for the output (large outputs only)
 };
 
-template <typename T>
+template <typename T, int VB, int CO, int ISA>
 __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>& A, const CompactConvGeom& g,
                                                             int64_t n, int64_t grp, int64_t p0, int64_t cnt) {
-  using vec = typename Simd<T>::vec;
-  constexpr int L = Simd<T>::kLanes;
-  constexpr int64_t PM = pix_per_micro<T>();
+  using S = Simd<T, VB>;
+  using vec = typename S::vec;
+  constexpr int L = S::kLanes;
+  constexpr int64_t PM = pix_per_micro<T, VB>();
   const int64_t K = g.Cg * g.kh * g.kw;
   const int64_t P = g.Ho * g.Wo;
   const int64_t ldc = A.ldc;
@@ -257,38 +298,45 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
   }
   for (int64_t j = 0; j < cnt_pad; ++j) inv[j] = A.alpha / (std::sqrt(inv[j]) + A.delta);
 
-  // 3. register-blocked W x with the scaling and bias folded into the store
-  const int64_t nblk = (g.Og + kCoBlock - 1) / kCoBlock;
-  const T* wg = A.wpack + grp * nblk * K * kCoBlock;
-  using S = Simd<T>;
+  // 3. register-blocked W x with the scaling and bias folded into the store. Each (channel,
+  //    micro-tile) store is PM contiguous outputs (64 bytes for float with AVX2, 128 with AVX-512):
+  //    whole cache lines, written once and never re-read, streamed past the cache when large.
+  const int64_t nblk = (g.Og + CO - 1) / CO;
+  const T* wg = A.wpack + grp * nblk * K * CO;
   for (int64_t j0 = 0; j0 < cnt_pad; j0 += PM) {
     const int64_t valid = std::min<int64_t>(PM, cnt - j0);
     const T* __restrict__ cj = cols + j0;
+    vec sc[kNVec];
+    for (int v = 0; v < kNVec; ++v) sc[v] = S::load(inv + j0 + v * L);
     for (int64_t blk = 0; blk < nblk; ++blk) {
-      const T* __restrict__ wb = wg + blk * K * kCoBlock;
-      vec acc[kCoBlock][kNVec];
-      for (int r = 0; r < kCoBlock; ++r)
+      const T* __restrict__ wb = wg + blk * K * CO;
+      vec acc[CO][kNVec];
+      for (int r = 0; r < CO; ++r)
         for (int v = 0; v < kNVec; ++v) acc[r][v] = vec{};
       for (int64_t k = 0; k < K; ++k) {
         vec cv[kNVec];
         for (int v = 0; v < kNVec; ++v) cv[v] = S::load(cj + k * ldc + v * L);
-        const T* wk = wb + k * kCoBlock;
-        for (int r = 0; r < kCoBlock; ++r) {
+        const T* wk = wb + k * CO;
+        for (int r = 0; r < CO; ++r) {
           const T wr = wk[r];  // scalar * vector: broadcast
           for (int v = 0; v < kNVec; ++v) acc[r][v] += wr * cv[v];
         }
       }
-      const int64_t co0 = blk * kCoBlock;
-      const int rows = static_cast<int>(std::min<int64_t>(kCoBlock, g.Og - co0));
+      const int64_t co0 = blk * CO;
+      const int rows = static_cast<int>(std::min<int64_t>(CO, g.Og - co0));
       for (int r = 0; r < rows; ++r) {
         const int64_t co = grp * g.Og + co0 + r;
         const T bv = A.bias != nullptr ? A.bias[co] : T(0);
         T* dst = A.y + (n * g.Cout + co) * P + p0 + j0;
         if (valid == PM) {
-          for (int v = 0; v < kNVec; ++v) S::store(dst + v * L, acc[r][v] * S::load(inv + j0 + v * L) + bv);
+          if (A.stream && (reinterpret_cast<uintptr_t>(dst) % VB) == 0) {
+            for (int v = 0; v < kNVec; ++v) stream_store<T, VB, ISA>(dst + v * L, acc[r][v] * sc[v] + bv);
+          } else {
+            for (int v = 0; v < kNVec; ++v) S::store(dst + v * L, acc[r][v] * sc[v] + bv);
+          }
         } else {
           T tmp[PM];
-          for (int v = 0; v < kNVec; ++v) S::store(tmp + v * L, acc[r][v] * S::load(inv + j0 + v * L) + bv);
+          for (int v = 0; v < kNVec; ++v) S::store(tmp + v * L, acc[r][v] * sc[v] + bv);
           for (int64_t e = 0; e < valid; ++e) dst[e] = tmp[e];
         }
       }
@@ -296,61 +344,88 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
   }
 }
 
-void direct_tile_generic_f32(const DirectArgs<float>& A, const CompactConvGeom& g, int64_t n, int64_t grp,
-                             int64_t p0, int64_t cnt) {
-  direct_tile_impl<float>(A, g, n, grp, p0, cnt);
-}
-void direct_tile_generic_f64(const DirectArgs<double>& A, const CompactConvGeom& g, int64_t n, int64_t grp,
-                             int64_t p0, int64_t cnt) {
-  direct_tile_impl<double>(A, g, n, grp, p0, cnt);
+// The three builds of the tile and the matching weight packing / tile geometry.
+template <typename T>
+using DirectTileFn = void (*)(const DirectArgs<T>&, const CompactConvGeom&, int64_t, int64_t, int64_t, int64_t);
+
+template <typename T>
+struct DirectKernel {
+  DirectTileFn<T> tile;
+  int co;       // output channels per micro-tile
+  int64_t pm;   // pixels per micro-tile
+  int vb;       // vector bytes (alignment of streaming stores)
+};
+
+template <typename T>
+void direct_tile_base(const DirectArgs<T>& A, const CompactConvGeom& g, int64_t n, int64_t grp, int64_t p0,
+                      int64_t cnt) {
+  direct_tile_impl<T, 32, 6, kBase>(A, g, n, grp, p0, cnt);
 }
 #ifdef ROBUSTOPS_X86_DISPATCH
-__attribute__((target("avx2,fma"))) void direct_tile_avx2_f32(const DirectArgs<float>& A, const CompactConvGeom& g,
-                                                              int64_t n, int64_t grp, int64_t p0, int64_t cnt) {
-  direct_tile_impl<float>(A, g, n, grp, p0, cnt);
+template <typename T>
+__attribute__((target("avx2,fma"))) void direct_tile_avx2(const DirectArgs<T>& A, const CompactConvGeom& g, int64_t n,
+                                                          int64_t grp, int64_t p0, int64_t cnt) {
+  direct_tile_impl<T, 32, 6, kAvx2>(A, g, n, grp, p0, cnt);
 }
-__attribute__((target("avx2,fma"))) void direct_tile_avx2_f64(const DirectArgs<double>& A, const CompactConvGeom& g,
-                                                              int64_t n, int64_t grp, int64_t p0, int64_t cnt) {
-  direct_tile_impl<double>(A, g, n, grp, p0, cnt);
+template <typename T>
+__attribute__((target("avx512f,avx2,fma"))) void direct_tile_avx512(const DirectArgs<T>& A, const CompactConvGeom& g,
+                                                                    int64_t n, int64_t grp, int64_t p0, int64_t cnt) {
+  direct_tile_impl<T, 64, 8, kAvx512>(A, g, n, grp, p0, cnt);
 }
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
+bool cpu_has_avx512f() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && cpu_has_avx2_fma();
+  return ok;
+}
 #endif
 
-inline void direct_tile(const DirectArgs<float>& A, const CompactConvGeom& g, int64_t n, int64_t grp, int64_t p0,
-                        int64_t cnt) {
-#ifdef ROBUSTOPS_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return direct_tile_avx2_f32(A, g, n, grp, p0, cnt);
-#endif
-  direct_tile_generic_f32(A, g, n, grp, p0, cnt);
+// ROBUSTOPS_COMPACT_CONV_ISA=base|avx2|avx512 caps the instruction set (for tests and benchmarks).
+int isa_cap() {
+  const char* s = std::getenv("ROBUSTOPS_COMPACT_CONV_ISA");
+  if (s == nullptr) return kAvx512;
+  const std::string v(s);
+  if (v == "base") return kBase;
+  if (v == "avx2") return kAvx2;
+  return kAvx512;
 }
-inline void direct_tile(const DirectArgs<double>& A, const CompactConvGeom& g, int64_t n, int64_t grp, int64_t p0,
-                        int64_t cnt) {
+
+template <typename T>
+DirectKernel<T> pick_direct_kernel() {
+  const int cap = isa_cap();
 #ifdef ROBUSTOPS_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return direct_tile_avx2_f64(A, g, n, grp, p0, cnt);
+  if (cap >= kAvx512 && cpu_has_avx512f()) return {&direct_tile_avx512<T>, 8, pix_per_micro<T, 64>(), 64};
+  if (cap >= kAvx2 && cpu_has_avx2_fma()) return {&direct_tile_avx2<T>, 6, pix_per_micro<T, 32>(), 32};
 #endif
-  direct_tile_generic_f64(A, g, n, grp, p0, cnt);
+  (void)cap;
+  return {&direct_tile_base<T>, 6, pix_per_micro<T, 32>(), 32};
 }
+
+// Outputs at least this large are written with streaming stores (they do not fit in the caches
+// anyway, and the next layer would find them evicted).
+constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
 
 template <typename T>
 void compact_conv2d_direct(const at::Tensor& x, const at::Tensor& w, const T* bias, const CompactConvGeom& g,
                            T alpha, T delta, at::Tensor& y) {
-  constexpr int64_t PM = pix_per_micro<T>();
+  const DirectKernel<T> kern = pick_direct_kernel<T>();
+  const int64_t CO = kern.co;
+  const int64_t PM = kern.pm;
   const int64_t K = g.Cg * g.kh * g.kw;
   const int64_t P = g.Ho * g.Wo;
-  const int64_t nblk = (g.Og + kCoBlock - 1) / kCoBlock;
+  const int64_t nblk = (g.Og + CO - 1) / CO;
 
-  // Pack the weights: per group, per block of kCoBlock output channels, [K][kCoBlock] (zero pad).
-  std::vector<T> wpack(static_cast<size_t>(g.G * nblk * K * kCoBlock), T(0));
+  // Pack the weights: per group, per block of CO output channels, [K][CO] (zero pad).
+  std::vector<T> wpack(static_cast<size_t>(g.G * nblk * K * CO), T(0));
   const T* wp = w.const_data_ptr<T>();
   for (int64_t grp = 0; grp < g.G; ++grp)
     for (int64_t o = 0; o < g.Og; ++o) {
-      const int64_t blk = o / kCoBlock, r = o % kCoBlock;
+      const int64_t blk = o / CO, r = o % CO;
       const T* src = wp + (grp * g.Og + o) * K;
-      T* dst = wpack.data() + ((grp * nblk + blk) * K) * kCoBlock + r;
-      for (int64_t k = 0; k < K; ++k) dst[k * kCoBlock] = src[k];
+      T* dst = wpack.data() + ((grp * nblk + blk) * K) * CO + r;
+      for (int64_t k = 0; k < K; ++k) dst[k * CO] = src[k];
     }
 
   const int64_t tiles = (P + kTile - 1) / kTile;
@@ -358,17 +433,19 @@ void compact_conv2d_direct(const at::Tensor& x, const at::Tensor& w, const T* bi
   const int64_t ntasks = g.N * g.G * tiles;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
+  const bool stream = y.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> cols(static_cast<size_t>(K * ldc));
     std::vector<T> inv(static_cast<size_t>(ldc));
-    DirectArgs<T> A{xp, wpack.data(), bias, yp, cols.data(), inv.data(), ldc, alpha, delta};
+    DirectArgs<T> A{xp, wpack.data(), bias, yp, cols.data(), inv.data(), ldc, alpha, delta, stream};
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tile = t % tiles;
       const int64_t ng = t / tiles;
       const int64_t grp = ng % g.G, n = ng / g.G;
       const int64_t p0 = tile * kTile;
-      direct_tile(A, g, n, grp, p0, std::min(kTile, P - p0));
+      kern.tile(A, g, n, grp, p0, std::min(kTile, P - p0));
     }
+    if (stream) store_fence();
   });
 }
 
