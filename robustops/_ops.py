@@ -327,9 +327,13 @@ def compact_conv2d(
     Args:
         x: ``[N, C, H, W]`` or unbatched ``[C, H, W]``; float32/float64 (CUDA: also half/bfloat16).
         weight: ``[Cout, C/groups, kh, kw]``. bias: ``[Cout]`` or None.
-        stride, padding, dilation: int or pair (zero padding). groups: int >= 1.
+        stride, padding, dilation: int or pair (zero padding), each at most 2**31 - 1 (larger
+            values raise ``ValueError``; the op's overflow-checked geometry raises ``RuntimeError``).
+        groups: int >= 1.
         alpha: number or one-element tensor (e.g. a learnable parameter); must be finite.
         delta: finite, >= 0 (0.01 in the paper).
+
+    Under ``torch.autocast`` the op computes and returns float32 (float64 for float64 inputs).
     """
     _check_tensor(x, "x")
     _check_tensor(weight, "weight")
@@ -450,7 +454,9 @@ def kernel_dropout_eval(
         delta: ``[N, Cin, H, W]`` per-channel change of the input under each ablation.
         weight: ``[Cout, Cin, kh, kw]`` (groups=1).
         channels: int64 ``[V]`` indices into ``Cin``.
-        stride, padding, dilation: the convolution's (int or pair).
+        stride, padding, dilation: the convolution's (int or pair; at most 2**31 - 1).
+        pool_kernel: int or pair >= 0; 0 (both) means no pooling. Negative values raise
+            ``ValueError`` here and ``RuntimeError`` from the op.
         pool_stride: defaults to ``pool_kernel``.
 
     Returns:
