@@ -77,20 +77,20 @@ def test_direct_path_every_isa_and_streaming_stores(isa, monkeypatch):
             tol = 1e-5 if dtype == torch.float32 else 1e-12
             torch.testing.assert_close(y, reference(x, w, b, stride, padding, dilation, groups, 1.7, 0.01),
                                        rtol=tol, atol=tol)
-        # large outputs: 64B-aligned rows (28x28) and rows of odd length (27x29), 1 and 2 threads
-        for n_img, hw, cout in ((48, (28, 28), 32), (64, (27, 29), 24)):
-            x, w, b = make((n_img, 1, *hw), (cout, 1, 3, 3), dtype)
-            ref = reference(x, w, b, 1, 1, 1, 1, 2.0, 0.01)
-            assert ref.numel() * ref.element_size() >= 4 << 20
-            for threads in (1, 2):
-                n = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                try:
-                    y = compact_conv2d(x, w, b, 1, 1, 1, 1, 2.0, 0.01)
-                finally:
-                    torch.set_num_threads(n)
-                tol = 1e-5 if dtype == torch.float32 else 1e-12
-                torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    # large outputs: 64B-aligned rows (28x28, float32) and rows of odd length (27x29, float64), 1 and 2 threads
+    for dtype, n_img, hw, cout in ((torch.float32, 48, (28, 28), 32), (torch.float64, 32, (27, 29), 24)):
+        x, w, b = make((n_img, 1, *hw), (cout, 1, 3, 3), dtype)
+        ref = reference(x, w, b, 1, 1, 1, 1, 2.0, 0.01)
+        assert ref.numel() * ref.element_size() >= 4 << 20
+        for threads in (1, 2):
+            n = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                y = compact_conv2d(x, w, b, 1, 1, 1, 1, 2.0, 0.01)
+            finally:
+                torch.set_num_threads(n)
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
 
 
 def test_auto_path_and_no_bias():
