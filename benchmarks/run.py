@@ -28,7 +28,8 @@ BEST_MARK = "BEST_SECONDS"
 # was seen at 0.72 ms on first use and 9 ms after another shape ran, in the same process). A
 # ratio against a slow draw flatters the op being benchmarked, so benchmarks compare against the
 # BEST reference time seen: the minimum over rounds in this process (after other shapes ran) and
-# over fresh processes (first use), and say so in their output.
+# over fresh processes (first use; also with a warm allocator, see WARM_ALLOCATOR_ENV), and say so
+# in their output.
 # ---------------------------------------------------------------------------------------------
 def best_seconds(fn, rounds: int = 3, min_run_time: float = 0.2) -> float:
     """Minimum over ``rounds`` of the median time of ``fn()`` (torch.utils.benchmark, after one
@@ -46,15 +47,24 @@ def report_best(seconds: float) -> None:
     print(f"{BEST_MARK} {seconds!r}", flush=True)
 
 
-def best_in_fresh_processes(argv, runs: int = 3, timeout: float = 600.0) -> float:
+# glibc malloc settings that keep large freed blocks in the heap instead of returning them to the
+# OS: without them every call of a reference that allocates ~10-30 MB (oneDNN's F.conv2d output
+# plus its reordered copy) can page-fault all of it back in (6,241 minor faults per call measured
+# for 128x1x28x28 -> 32: ~30 ms instead of ~0.9 ms under load). That is the "same convolution,
+# different speed" effect; a fresh process with these settings shows the reference's best case.
+WARM_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def best_in_fresh_processes(argv, runs: int = 3, timeout: float = 600.0, env: dict = None) -> float:
     """Run ``python argv...`` ``runs`` times, each a fresh process that times something once and
-    ends with :func:`report_best`; return the minimum reported time."""
+    ends with :func:`report_best`; return the minimum reported time. ``env``: extra environment
+    variables for the children (e.g. :data:`WARM_ALLOCATOR_ENV`)."""
     import subprocess
 
     best = float("inf")
     for _ in range(runs):
         proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout,
-                              cwd=os.path.dirname(HERE))
+                              cwd=os.path.dirname(HERE), env=dict(os.environ, **(env or {})))
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(BEST_MARK)]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"timing child {argv} failed (rc={proc.returncode}): {proc.stderr[-1000:]}")
