@@ -68,11 +68,6 @@ inline KernelDropoutGeometry check_kernel_dropout_eval_args(
   const int64_t wo = checked_conv_out_size(g.W, g.pw, g.dw, g.kw, g.sw, op, "width geometry (padding, dilation)");
   TORCH_CHECK(ho == g.Ho && wo == g.Wo, op, ": base spatial size ", g.Ho, "x", g.Wo,
               " does not match the convolution of delta (", ho, "x", wo, ")");
-  // The CPU kernel keeps one zero-padded input plane per task: bound its size.
-  const int64_t plane = checked_mul(checked_padded_size(g.H, g.ph, op, "padded height"),
-                                    checked_padded_size(g.W, g.pw, op, "padded width"), op, "padded plane size");
-  TORCH_CHECK(plane <= (int64_t(1) << 26), op, ": the zero-padded input plane would have ", plane,
-              " elements (input ", g.H, "x", g.W, ", padding ", padding, "); at most 2^26 are supported");
   for (const auto* t : {&scale, &shift}) {
     if (t->has_value()) {
       const at::Tensor& s = t->value();
