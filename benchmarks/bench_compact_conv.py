@@ -216,6 +216,34 @@ def _print_table(records):
     print("ratios are time / BEST F.conv2d time seen (min over in-process rounds and fresh processes)")
 
 
+def paired_single_calls(shape=SHAPES[0], calls: int = 30, rounds: int = 3):
+    """Forward of F.conv2d and of the fused op, min over single calls, alternating in rounds, with the
+    minor page faults per call (getrusage): shows whether a slow F.conv2d is page-faulting. Run it
+    with and without ``benchmarks.run.WARM_ALLOCATOR_ENV`` in the environment."""
+    import resource
+
+    x, w, b, alpha, _ = _tensors(shape, torch.device("cpu"))
+    fns = {"conv2d": lambda: F.conv2d(x, w, b, 1, 1), "fused": lambda: compact_conv2d(x, w, b, 1, 1, 1, 1, alpha, DELTA)}
+    best = {k: float("inf") for k in fns}
+    faults = {k: 0.0 for k in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                fn()
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[k] = min(best[k], time.perf_counter() - t0)
+                faults[k] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / calls
+    n, c, h, w_, o = shape
+    print(f"{n}x{c}x{h}x{w_}->{o}, {torch.get_num_threads()} threads, min over {rounds}x{calls} single calls, "
+          f"load average {os.getloadavg()}, MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")
+    for k in fns:
+        print(f"  {k:7s} {best[k] * 1e3:8.3f} ms   {faults[k]:7.0f} minor faults/call (last round)")
+    print(f"  fused / conv2d = {best['fused'] / best['conv2d']:.3f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -227,6 +255,9 @@ def main(argv=None):
     ap.add_argument("--cpu-time", action="store_true",
                     help="time with process CPU time instead of wall clock (stable on a shared machine; "
                          "meaningful with --threads 1 on CPU only)")
+    ap.add_argument("--pair", action="store_true",
+                    help="paired single-call forward timing of F.conv2d and the fused op on the first shape, "
+                         "with page faults per call")
     ap.add_argument("--ref-only", default=None, help=argparse.SUPPRESS)  # N,C,H,W,O: fresh-process child
     ap.add_argument("--kind", default="forward", help=argparse.SUPPRESS)
     ap.add_argument("--min-run-time", type=float, default=0.5, help=argparse.SUPPRESS)
@@ -237,6 +268,9 @@ def main(argv=None):
     if args.cpu_time:
         _TIMER = time.process_time
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.pair:
+        paired_single_calls()
+        return
     if args.ref_only:
         _ref_only(tuple(int(v) for v in args.ref_only.split(",")), dev, args.kind, args.min_run_time)
         return

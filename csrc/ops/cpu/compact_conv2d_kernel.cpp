@@ -433,7 +433,10 @@ void compact_conv2d_direct(const at::Tensor& x, const at::Tensor& w, const T* bi
   const int64_t ntasks = g.N * g.G * tiles;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
-  const bool stream = y.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
+  // ROBUSTOPS_COMPACT_CONV_STREAM=0|1 forces the store flavour (benchmarks); default by size.
+  const char* env_stream = std::getenv("ROBUSTOPS_COMPACT_CONV_STREAM");
+  const bool stream = env_stream != nullptr ? std::string(env_stream) != "0"
+                                            : y.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> cols(static_cast<size_t>(K * ldc));
     std::vector<T> inv(static_cast<size_t>(ldc));
