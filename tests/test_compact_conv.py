@@ -70,7 +70,9 @@ def test_direct_path_every_isa_and_streaming_stores(isa, monkeypatch):
     monkeypatch.setenv("ROBUSTOPS_COMPACT_CONV_IMPL", "direct")
     monkeypatch.setenv("ROBUSTOPS_COMPACT_CONV_ISA", isa)
     for dtype in (torch.float32, torch.float64):
-        for cfg in CONFIGS[:6]:
+        # CONFIGS: small planes (one task per image plane); the last two: planes above 1024 pixels
+        # and a column buffer above the budget (256-pixel tiles with a remainder tile)
+        for cfg in CONFIGS[:6] + [((2, 3, 37, 41), (5, 3, 3, 3), 1, 1, 1, 1), ((1, 8, 20, 20), (6, 8, 3, 3), 1, 1, 1, 1)]:
             xs, ws, stride, padding, dilation, groups = cfg
             x, w, b = make(xs, ws, dtype)
             y = compact_conv2d(x, w, b, stride, padding, dilation, groups, 1.7, 0.01)

@@ -48,6 +48,8 @@ namespace {
 
 constexpr int64_t kDirectMaxK = 80;   // largest C/groups*kh*kw handled by the fused direct path
 constexpr int64_t kTile = 256;        // output pixels per direct-path task (multiple of every micro-tile)
+constexpr int64_t kMaxTile = 1024;    // whole small images as one task when the column buffer stays small
+constexpr int64_t kTileBytes = 40 << 10;  // column-buffer budget for the larger tiles (L1/L2)
 
 // ---------------------------------------------------------------------------------------------
 // Small geometry helpers
@@ -244,7 +246,7 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
   // 1. im2col of this tile: cols[k][j] = x[n, grp*Cg + c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
   //    The tile is split into row segments (one output row each) once; then every tap copies its
   //    valid span per segment and zero-fills the padding.
-  int64_t seg_oh[kTile], seg_ow0[kTile], seg_len[kTile], seg_j[kTile];
+  int64_t seg_oh[kMaxTile], seg_ow0[kMaxTile], seg_len[kMaxTile], seg_j[kMaxTile];
   int64_t nseg = 0;
   for (int64_t j = 0, p = p0; j < cnt; ++nseg) {
     const int64_t oh = p / g.Wo;
@@ -428,8 +430,13 @@ void compact_conv2d_direct(const at::Tensor& x, const at::Tensor& w, const T* bi
       for (int64_t k = 0; k < K; ++k) dst[k * CO] = src[k];
     }
 
-  const int64_t tiles = (P + kTile - 1) / kTile;
-  const int64_t ldc = (std::min(P, kTile) + PM - 1) / PM * PM;
+  // Task = (image, group, tile of output pixels). A whole image plane is one tile when it has at
+  // most kMaxTile pixels and its column buffer fits kTileBytes (fewer, fuller tasks: no 16-pixel
+  // remainder tiles); otherwise tiles of kTile pixels.
+  const int64_t p_pad = (P + PM - 1) / PM * PM;
+  const int64_t tile_px = (P <= kMaxTile && K * p_pad * static_cast<int64_t>(sizeof(T)) <= kTileBytes) ? P : kTile;
+  const int64_t tiles = (P + tile_px - 1) / tile_px;
+  const int64_t ldc = (std::min(P, tile_px) + PM - 1) / PM * PM;
   const int64_t ntasks = g.N * g.G * tiles;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
@@ -445,8 +452,8 @@ void compact_conv2d_direct(const at::Tensor& x, const at::Tensor& w, const T* bi
       const int64_t tile = t % tiles;
       const int64_t ng = t / tiles;
       const int64_t grp = ng % g.G, n = ng / g.G;
-      const int64_t p0 = tile * kTile;
-      kern.tile(A, g, n, grp, p0, std::min(kTile, P - p0));
+      const int64_t p0 = tile * tile_px;
+      kern.tile(A, g, n, grp, p0, std::min(tile_px, P - p0));
     }
     if (stream) store_fence();
   });
