@@ -10,6 +10,7 @@ Each op in ``csrc/ops`` gets here:
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence, Union
 
 import torch
@@ -21,23 +22,55 @@ __all__ = ["fgsm_step"]
 EpsLike = Union[float, int, Sequence[float], torch.Tensor]
 
 
+_PAIR_MAX = 2**31 - 1  # geometry above this is never meaningful (and would overflow int64 sizes)
+
+
 def _pair(v, name: str, minimum: int = 0) -> list:
-    """An int or a pair of ints (stride, padding, ...) as a 2-list, each >= ``minimum``."""
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got bool")
-    if isinstance(v, int):
-        out = [v, v]
-    else:
+    """An int or a pair of ints (stride, padding, ...) as a 2-list, each in ``[minimum, 2**31 - 1]``.
+
+    Raises ``TypeError`` for a non-integer (bool, float, str, ...) and ``ValueError`` for a wrong
+    length or a value out of range, naming ``name``. The upper bound keeps absurd geometry (e.g. a
+    stride of 2**62) from reaching the kernels; the C++ checks are overflow-safe on their own too.
+    """
+    def as_int(e):
+        if isinstance(e, bool):
+            raise TypeError(f"{name} must be an int or a pair of ints, got bool")
         try:
-            out = [int(e) for e in v]
-        except (TypeError, ValueError):
+            return operator.index(e)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a pair of ints, got {type(e).__name__}") from None
+
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {type(v).__name__}")
+    try:
+        out = [as_int(v)] * 2
+    except TypeError:
+        try:
+            items = list(v)
+        except TypeError:
             raise TypeError(f"{name} must be an int or a pair of ints, got {type(v).__name__}") from None
-        if len(out) != 2:
-            raise ValueError(f"{name} must have 2 values, got {len(out)}")
+        if len(items) != 2:
+            raise ValueError(f"{name} must have 2 values, got {len(items)}")
+        out = [as_int(e) for e in items]
     if out[0] < minimum or out[1] < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {tuple(out)}")
+    if out[0] > _PAIR_MAX or out[1] > _PAIR_MAX:
+        raise ValueError(f"{name} must be <= {_PAIR_MAX}, got {tuple(out)}")
     return out
 
+
+def _fake_same_device(op: str, ref: torch.Tensor, ref_name: str, tensors: dict, host_ok: dict = None) -> None:
+    """Fake (meta) kernels: refuse tensors on another device than ``ref`` (e.g. a meta ``x`` with a
+    real CPU ``weight``), as the real kernels do. ``host_ok`` tensors may also be on the CPU."""
+    for name, t in tensors.items():
+        if t is not None:
+            torch._check(t.device == ref.device,
+                         lambda: f"{op}: {name} must be on {ref_name}'s device ({ref.device}), got {t.device}")
+    for name, t in (host_ok or {}).items():
+        if t is not None:
+            torch._check(t.device == ref.device or t.device.type == "cpu",
+                         lambda: f"{op}: {name} must be on the CPU or on {ref_name}'s device ({ref.device}), "
+                                 f"got {t.device}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,6 +78,7 @@ def _pair(v, name: str, minimum: int = 0) -> list:
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("robustops::fgsm_step")
 def _fgsm_step_fake(x, grad, eps, lo, hi):
+    _fake_same_device("fgsm_step", x, "x", {"grad": grad}, {"eps": eps})
     torch._check(x.shape == grad.shape, lambda: "fgsm_step: x and grad must have the same shape")
     torch._check(eps.dim() == 1, lambda: "fgsm_step: eps must be 1-D")
     return x.new_empty((eps.shape[0], *x.shape))
@@ -120,9 +154,13 @@ def fgsm_step(
 # --------------------------------------------------------------------------------------------
 # Autograd saves (x, weight, bias, alpha, out) and calls the matching _..._backward op, which
 # returns (grad_x, grad_weight, grad_bias, grad_alpha); entries not asked for come back as empty
-# [0] tensors. Backward uses `out - bias` (= alpha * u / n) instead of recomputing the convolution,
-# so `out` must not be modified in place afterwards (autograd's version check raises if it is; use
-# nn.ReLU(inplace=False) right after a compact layer).
+# [0] tensors. compact_conv2d's backward uses `out - bias` (= alpha * u / n) instead of recomputing
+# the convolution, so its `out` must not be modified in place afterwards (autograd's version check
+# raises if it is; use nn.ReLU(inplace=False) right after a CompactConv2d). compact_linear's
+# backward does not need its output.
+#
+# Under torch.autocast (CPU or CUDA) the ops run in float32 (float64 if an input is float64) and
+# return that dtype: C++ Autocast kernels in csrc/ops/<op>.cpp, policy in csrc/ops/autocast_policy.h.
 IntPair = Union[int, Sequence[int]]
 AlphaLike = Union[float, int, torch.Tensor]
 
@@ -135,6 +173,7 @@ def _conv_out(n, k, s, p, d):
 
 @torch.library.register_fake("robustops::compact_conv2d")
 def _compact_conv2d_fake(x, weight, bias, stride, padding, dilation, groups, alpha, delta):
+    _fake_same_device("compact_conv2d", x, "x", {"weight": weight, "bias": bias}, {"alpha": alpha})
     torch._check(x.dim() == 4, lambda: "compact_conv2d: x must be 4-D")
     torch._check(weight.dim() == 4, lambda: "compact_conv2d: weight must be 4-D")
     torch._check(x.shape[1] == weight.shape[1] * groups, lambda: "compact_conv2d: channel mismatch")
@@ -156,6 +195,8 @@ def _masked_grads_fake(x, weight, bias, alpha, mask):
 def _compact_conv2d_backward_fake(
     grad_out, x, weight, bias, out, stride, padding, dilation, groups, alpha, delta, output_mask
 ):
+    _fake_same_device("_compact_conv2d_backward", x, "x",
+                      {"grad_out": grad_out, "weight": weight, "bias": bias, "out": out}, {"alpha": alpha})
     return _masked_grads_fake(x, weight, bias, alpha, output_mask)
 
 
@@ -193,28 +234,33 @@ torch.library.register_autograd(
 
 @torch.library.register_fake("robustops::compact_linear")
 def _compact_linear_fake(x, weight, bias, alpha, delta):
+    _fake_same_device("compact_linear", x, "x", {"weight": weight, "bias": bias}, {"alpha": alpha})
     torch._check(weight.dim() == 2, lambda: "compact_linear: weight must be 2-D")
     torch._check(x.shape[-1] == weight.shape[1], lambda: "compact_linear: in_features mismatch")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.register_fake("robustops::_compact_linear_backward")
-def _compact_linear_backward_fake(grad_out, x, weight, bias, out, alpha, delta, output_mask):
+def _compact_linear_backward_fake(grad_out, x, weight, bias, alpha, delta, output_mask):
+    _fake_same_device("_compact_linear_backward", x, "x", {"grad_out": grad_out, "weight": weight, "bias": bias},
+                      {"alpha": alpha})
     return _masked_grads_fake(x, weight, bias, alpha, output_mask)
 
 
+# compact_linear's backward does not use the forward output (unlike compact_conv2d's), so the
+# output is not saved and may be modified in place (ReLU(inplace=True) after a CompactLinear).
 def _compact_linear_setup_context(ctx, inputs, output):
     x, weight, bias, alpha, delta = inputs
-    ctx.save_for_backward(x, weight, bias, alpha, output)
+    ctx.save_for_backward(x, weight, bias, alpha)
     ctx.delta = delta
 
 
 def _compact_linear_backward(ctx, grad_out):
-    x, weight, bias, alpha, out = ctx.saved_tensors
+    x, weight, bias, alpha = ctx.saved_tensors
     nig = ctx.needs_input_grad
     mask = [nig[0], nig[1], nig[2] and bias is not None, nig[3]]
     gx, gw, gb, ga = torch.ops.robustops._compact_linear_backward(
-        grad_out.contiguous(), x, weight, bias, out, alpha, ctx.delta, mask
+        grad_out.contiguous(), x, weight, bias, alpha, ctx.delta, mask
     )
     return (
         gx if mask[0] else None,
@@ -281,9 +327,13 @@ def compact_conv2d(
     Args:
         x: ``[N, C, H, W]`` or unbatched ``[C, H, W]``; float32/float64 (CUDA: also half/bfloat16).
         weight: ``[Cout, C/groups, kh, kw]``. bias: ``[Cout]`` or None.
-        stride, padding, dilation: int or pair (zero padding). groups: int >= 1.
+        stride, padding, dilation: int or pair (zero padding), each at most 2**31 - 1 (larger
+            values raise ``ValueError``; the op's overflow-checked geometry raises ``RuntimeError``).
+        groups: int >= 1.
         alpha: number or one-element tensor (e.g. a learnable parameter); must be finite.
         delta: finite, >= 0 (0.01 in the paper).
+
+    Under ``torch.autocast`` the op computes and returns float32 (float64 for float64 inputs).
     """
     _check_tensor(x, "x")
     _check_tensor(weight, "weight")
@@ -328,6 +378,11 @@ def compact_linear(
     ``x`` is ``[..., in_features]`` (the norm is over the last dimension), ``weight`` is
     ``[out_features, in_features]``. Differentiable in ``x``, ``weight``, ``bias`` and ``alpha``;
     the gradient of the norm is taken as 0 for an all-zero feature vector.
+
+    Returns a fresh contiguous ``[..., out_features]`` tensor (not a view); the backward does not
+    read it, so it may be modified in place (e.g. ``ReLU(inplace=True)``). dtypes: float32/float64
+    on the CPU (float16/bfloat16 raise ``RuntimeError``), also float16/bfloat16 on CUDA. Under
+    ``torch.autocast`` the op computes and returns float32 (float64 if an input is float64).
     """
     _check_tensor(x, "x")
     _check_tensor(weight, "weight")
@@ -358,6 +413,11 @@ def _kernel_dropout_out_hw(ho, wo, pool_kernel, pool_stride):
 @torch.library.register_fake("robustops::kernel_dropout_eval")
 def _kernel_dropout_eval_fake(base, delta, weight, channels, stride, padding, dilation, scale, shift, relu,
                               pool_kernel, pool_stride):
+    _fake_same_device("kernel_dropout_eval", base, "base",
+                      {"delta": delta, "weight": weight, "scale": scale, "shift": shift}, {"channels": channels})
+    torch._check(all(k >= 0 for k in pool_kernel) and all(s >= 0 for s in pool_stride),
+                 lambda: f"kernel_dropout_eval: pool_kernel and pool_stride must be >= 0, got {list(pool_kernel)}, "
+                         f"{list(pool_stride)}")
     torch._check(base.dim() == 4 and delta.dim() == 4 and weight.dim() == 4,
                  lambda: "kernel_dropout_eval: base, delta and weight must be 4-D")
     torch._check(channels.dim() == 1, lambda: "kernel_dropout_eval: channels must be 1-D")
@@ -394,7 +454,9 @@ def kernel_dropout_eval(
         delta: ``[N, Cin, H, W]`` per-channel change of the input under each ablation.
         weight: ``[Cout, Cin, kh, kw]`` (groups=1).
         channels: int64 ``[V]`` indices into ``Cin``.
-        stride, padding, dilation: the convolution's (int or pair).
+        stride, padding, dilation: the convolution's (int or pair; at most 2**31 - 1).
+        pool_kernel: int or pair >= 0; 0 (both) means no pooling. Negative values raise
+            ``ValueError`` here and ``RuntimeError`` from the op.
         pool_stride: defaults to ``pool_kernel``.
 
     Returns:

@@ -30,3 +30,17 @@ def _seed():
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+# Hypothesis profiles for the property-based op tests (tests/test_ops_properties.py):
+#   default "ci": few examples per test (a few hundred in all), no deadline (shared CI machines);
+#   `pytest --hypothesis-profile=deep` for long local fuzzing runs.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is in the `test` extra; without it those tests skip
+    pass
+else:
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+    settings.register_profile("ci", max_examples=75, derandomize=True, **_common)
+    settings.register_profile("deep", max_examples=3000, **_common)
+    settings.load_profile("ci")

@@ -158,3 +158,21 @@ def test_build_info():
     assert set(info) >= {"torch_version", "cuda", "openmp", "compiler", "debug"}
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda"], bool) and isinstance(info["openmp"], bool)
+
+
+def test_under_cpu_autocast_promotes_x_and_grad():
+    """Under torch.autocast, fgsm_step runs in the promoted dtype of x and grad (no float32 floor:
+    float32 inputs stay float32, a bfloat16 gradient with a float32 image gives float32)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 5, 5, generator=g)
+    grad = torch.randn(4, 3, 5, 5, generator=g)
+    eps = [0.0, 0.1, 0.3]
+    ref = robustops.ops.fgsm_step(x, grad.bfloat16().float(), eps)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = robustops.ops.fgsm_step(x, grad, eps)
+        mixed = torch.ops.robustops.fgsm_step(x, grad.bfloat16(), torch.tensor(eps, dtype=torch.float64), 0.0, 1.0)
+    assert out.dtype == torch.float32 and mixed.dtype == torch.float32
+    torch.testing.assert_close(out, robustops.ops.fgsm_step(x, grad, eps))
+    torch.testing.assert_close(mixed, ref)
+    with pytest.raises(RuntimeError, match="same dtype"):  # outside autocast the op insists on one dtype
+        torch.ops.robustops.fgsm_step(x, grad.bfloat16(), torch.tensor(eps, dtype=torch.float64), 0.0, 1.0)

@@ -140,3 +140,85 @@ def test_bad_arguments():
         kernel_dropout_eval(base, delta, w[:, :2], chs)
     with pytest.raises(ValueError, match="both scale and shift"):
         kernel_dropout_eval(base, delta, w, chs, scale=torch.ones(4))
+
+
+def test_negative_pool_kernel_is_refused():
+    """A negative pool_kernel is an error (it used to mean "no pool"), from Python and from C++."""
+    base, delta, w = _case(1, 2, 2, 6, 6, 3, 1, 0, 1, torch.float32)
+    chs = torch.arange(2)
+    with pytest.raises(ValueError, match="pool_kernel"):
+        kernel_dropout_eval(base, delta, w, chs, pool_kernel=-2)
+    for pk, ps in [([-2, -2], [2, 2]), ([-1, 0], [0, 0]), ([2, 2], [-1, 2])]:
+        with pytest.raises(RuntimeError, match="pool_kernel|pool_stride"):
+            torch.ops.robustops.kernel_dropout_eval(base, delta, w, chs, [1, 1], [0, 0], [1, 1], None, None, False,
+                                                    pk, ps)
+    with pytest.raises(RuntimeError, match="pool_kernel"):  # the fake kernel agrees
+        torch.ops.robustops.kernel_dropout_eval(base.to("meta"), delta.to("meta"), w.to("meta"), chs.to("meta"),
+                                                [1, 1], [0, 0], [1, 1], None, None, False, [-2, -2], [2, 2])
+
+
+_KD_GEOMETRY_CHILD = r"""
+import json, sys
+import torch
+import robustops  # noqa: F401
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+delta = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g)
+for s, p, d, ho in json.loads(sys.argv[1]):
+    base = torch.randn(2, 4, ho, ho, dtype=torch.float64, generator=g)
+    rec = {"geom": [s, p, d]}
+    try:
+        out = torch.ops.robustops.kernel_dropout_eval(base, delta, w, torch.arange(3), [s, s], [p, p], [d, d],
+                                                      None, None, False, [0, 0], [0, 0])
+        rec["diff"] = (out - base).abs().max().item()
+        rec["shape"] = list(out.shape)
+    except RuntimeError as e:
+        rec["error"] = str(e).splitlines()[0]
+    print(json.dumps(rec), flush=True)
+print("SURVIVED", flush=True)
+"""
+
+
+def test_absurd_geometry_is_checked_not_a_crash():
+    """Stride / padding / dilation near 2**61..2**63 (issue 9: used to segfault): overflow is a
+    RuntimeError; a geometry whose plane would be absurdly large is refused by name."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    m = 2**31 - 1
+    cases = [
+        (2**62, 2**61, 1, 2),
+        (1, 0, 2**62, 6),
+        (1, 2**62, 1, 6),
+        (2**63 - 1, 2**62 - 1, 1, 1),
+        (m, m, 1, 3),                # accepted values, but the zero-padded plane would be ~2**64 elements
+        (m, 0, 1, 1),                # valid: one output position
+        (1, 2**10, 2**10, 8),        # valid: only the centre tap lands inside
+    ]
+    proc = subprocess.run([sys.executable, "-c", _KD_GEOMETRY_CHILD, json.dumps(cases)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, f"child died (rc={proc.returncode}): {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "SURVIVED"
+    recs = [json.loads(line) for line in lines[:-1]]
+    for rec in recs[:4]:
+        assert "kernel_dropout_eval" in rec.get("error", "") and "must be <= 2147483647" in rec["error"], rec
+    assert "overflows int64" in recs[4].get("error", ""), recs[4]
+    assert recs[5]["shape"] == [3, 2, 4, 1, 1] and recs[5]["diff"] > 0, recs[5]
+    assert recs[6]["shape"] == [3, 2, 4, 8, 8], recs[6]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_cpu_autocast(dtype):
+    """Inside torch.autocast the consumer's base output is half while delta and the weight are float32:
+    the op promotes everything to float32 and matches the float32 result."""
+    base, delta, w = _case(2, 3, 4, 7, 7, 3, 1, 1, 1, torch.float32)
+    chs = torch.arange(3)
+    with torch.autocast("cpu", dtype=dtype):
+        out = kernel_dropout_eval(base.to(dtype), delta, w, chs, padding=1, relu=True, pool_kernel=2)
+    assert out.dtype == torch.float32
+    ref = reference(base.to(dtype).float(), delta, w, chs, padding=1, relu=True, pool_kernel=2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,8 @@
 #include <cmath>
 #include <vector>
 
+#include "conv_geometry.h"
+
 namespace robustops {
 
 struct CompactConvGeom {
@@ -27,14 +29,14 @@ struct CompactConvGeom {
   int64_t Ho, Wo;           // output spatial size
 };
 
-inline int64_t compact_conv_out_size(int64_t in, int64_t pad, int64_t dil, int64_t k, int64_t stride) {
-  return (in + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+// Output size along one dimension, overflow-checked (0 when the dilated kernel does not fit).
+inline int64_t compact_conv_out_size(int64_t in, int64_t pad, int64_t dil, int64_t k, int64_t stride,
+                                     const char* dim) {
+  return checked_conv_out_size(in, pad, dil, k, stride, "compact_conv2d", dim);
 }
 
 inline void check_int_pair(c10::IntArrayRef v, const char* name, int64_t min_value) {
-  TORCH_CHECK(v.size() == 2, "compact_conv2d: ", name, " must have 2 values, got ", v.size());
-  TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, "compact_conv2d: ", name, " must be >= ", min_value,
-              ", got ", v);
+  check_geometry_pair(v, "compact_conv2d", name, min_value);
 }
 
 inline void check_alpha_tensor(const at::Tensor& alpha, const at::Tensor& x, const char* op) {
@@ -104,8 +106,8 @@ inline CompactConvGeom check_compact_conv2d_args(const at::Tensor& x, const at::
   g.pw = padding[1];
   g.dh = dilation[0];
   g.dw = dilation[1];
-  g.Ho = compact_conv_out_size(g.H, g.ph, g.dh, g.kh, g.sh);
-  g.Wo = compact_conv_out_size(g.W, g.pw, g.dw, g.kw, g.sw);
+  g.Ho = compact_conv_out_size(g.H, g.ph, g.dh, g.kh, g.sh, "height geometry (padding, dilation)");
+  g.Wo = compact_conv_out_size(g.W, g.pw, g.dw, g.kw, g.sw, "width geometry (padding, dilation)");
   TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, op, ": output size would be ", g.Ho, "x", g.Wo, " for input ", g.H, "x",
               g.W, ", kernel ", g.kh, "x", g.kw, ", padding ", padding, ", dilation ", dilation,
               "; the padded input is smaller than the dilated kernel");

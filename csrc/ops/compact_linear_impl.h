@@ -30,28 +30,36 @@ inline at::Tensor compact_linear_forward_impl(const at::Tensor& x, const at::Ten
   const at::Tensor a = compact_linear_alpha_as(alpha, x);
   // scale[m] = alpha / (||x_m|| + delta), shape [M, 1]
   const at::Tensor scale = a / (at::linalg_vector_norm(x2, 2, at::IntArrayRef{1}, /*keepdim=*/true) + delta);
-  at::Tensor u = at::mm(x2, weight.t());
-  at::Tensor y;
+  // The result is allocated in its final shape and returned as such: a fresh tensor, never a view
+  // (a view output would make `ReLU(inplace=True)` after the layer fail in autograd).
+  at::Tensor y = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor y2 = y.view({-1, out_features});
+  at::mm_out(y2, x2, weight.t());
   if (bias.has_value() && bias->defined()) {
-    y = at::addcmul(*bias, u, scale);
+    at::addcmul_out(y2, *bias, y2, scale);  // one pass: y = bias + u * scale, in place (full overlap is allowed)
   } else {
-    y = u.mul_(scale);
+    y2.mul_(scale);
   }
-  return y.reshape(out_shape);
+  return y;
 }
 
 // Gradients of y = alpha * (x W^T) * inv + b with inv = 1 / (r + delta), r = ||x||:
 //   gv = gy * inv;  grad_W = alpha * gv^T x;  grad_alpha = <gv, x W^T> = <gv^T x, W>
-//   gn = -sum_o gy * (y - b) * inv            (dL/dr, using y - b = alpha * u * inv)
-//   grad_x = alpha * gv W + gn * x / r       (0 where r == 0)
+//   m  = gv W                                  ([M, in])
+//   dL/dr = -sum_o gy_o * alpha * u_o * inv^2 = -alpha * inv * <x, m>   (u = x W^T, so gy . u = x . gy W)
+//   grad_x = alpha * m + (dL/dr) * x / r       (0 where r == 0)
+// The forward output is not needed: the layer's output may be modified in place afterwards
+// (e.g. ReLU(inplace=True) after a CompactLinear) without breaking the backward.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_linear_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& out, const at::Tensor& alpha, double delta, std::array<bool, 4> mask) {
+    const at::Tensor& alpha, double delta, std::array<bool, 4> mask) {
   check_compact_linear_args(x, weight, bias, alpha, delta);
-  TORCH_CHECK(grad_out.sizes() == out.sizes(), "_compact_linear_backward: grad_out and out must have the same shape, got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(out.dim() == x.dim() && out.size(-1) == weight.size(0),
-              "_compact_linear_backward: out must have shape [..., ", weight.size(0), "], got ", out.sizes());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = weight.size(0);
+  TORCH_CHECK(grad_out.sizes() == c10::IntArrayRef(out_shape), "_compact_linear_backward: grad_out must have shape ",
+              c10::IntArrayRef(out_shape), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+              "_compact_linear_backward: grad_out must have x's dtype and device");
   const bool has_bias = bias.has_value() && bias->defined();
   const int64_t in = weight.size(1);
   const int64_t out_features = weight.size(0);
@@ -66,18 +74,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_linear
   const bool need_x = mask[0], need_w = mask[1], need_b = mask[2] && has_bias, need_a = mask[3];
   if (need_x || need_w || need_a) {
     const at::Tensor gv = gy * inv;
-    at::Tensor gw1;
     if (need_w || need_a) {
-      gw1 = at::mm(gv.t(), x2);
+      at::Tensor gw1 = at::mm(gv.t(), x2);
       if (need_a) ga = at::dot(gw1.reshape(-1), weight.reshape(-1)).reshape(alpha.sizes()).to(alpha.options());
       if (need_w) gw = gw1.mul_(a);
     }
     if (need_x) {
-      at::Tensor ym = out.reshape({-1, out_features});
-      if (has_bias) ym = ym - *bias;
-      const at::Tensor gn = -(gy * ym).sum(1, /*keepdim=*/true) * inv;
-      const at::Tensor coef = at::where(r > 0, gn / r, at::zeros_like(r));
-      gx = at::addcmul(at::mm(gv, weight).mul_(a), x2, coef).reshape(x.sizes());
+      const at::Tensor m = at::mm(gv, weight);
+      const at::Tensor dr = -(x2 * m).sum(1, /*keepdim=*/true) * inv;  // dL/dr / alpha
+      const at::Tensor coef = at::where(r > 0, dr / r, at::zeros_like(r));
+      gx = m.add_(x2 * coef).mul_(a).reshape(x.sizes());
     }
   }
   if (need_b) gb = gy.sum(0);

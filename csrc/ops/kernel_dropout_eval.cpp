@@ -23,6 +23,8 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "autocast_policy.h"
+
 TORCH_LIBRARY_FRAGMENT(robustops, m) {
   m.def(
       "kernel_dropout_eval(Tensor base, Tensor delta, Tensor weight, Tensor channels, int[2] stride, "
@@ -32,4 +34,43 @@ TORCH_LIBRARY_FRAGMENT(robustops, m) {
 
 TORCH_LIBRARY_IMPL(robustops, Autograd, m) {
   m.impl("kernel_dropout_eval", torch::autograd::autogradNotImplementedFallback());
+}
+
+// torch.autocast: run in float32 (float64 if an input is float64); see autocast_policy.h. Under
+// autocast the consumer's base output is typically bfloat16/float16 while delta and the weight
+// are float32: all are brought to one dtype here instead of failing the dtype check.
+namespace robustops {
+namespace {
+
+template <c10::DispatchKey kKey, c10::DeviceType kDevice>
+at::Tensor kernel_dropout_eval_autocast(const at::Tensor& base, const at::Tensor& delta, const at::Tensor& weight,
+                                        const at::Tensor& channels, at::IntArrayRef stride, at::IntArrayRef padding,
+                                        at::IntArrayRef dilation, const std::optional<at::Tensor>& scale,
+                                        const std::optional<at::Tensor>& shift, bool relu,
+                                        at::IntArrayRef pool_kernel, at::IntArrayRef pool_stride) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("robustops::kernel_dropout_eval", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, bool, at::IntArrayRef, at::IntArrayRef)>();
+  const at::ScalarType t =
+      autocast_compute_type(at::kFloat, {&base, &delta, &weight, opt_ptr(scale), opt_ptr(shift)});
+  return op.call(autocast_cast(base, t, kDevice), autocast_cast(delta, t, kDevice), autocast_cast(weight, t, kDevice),
+                 channels, stride, padding, dilation, autocast_cast(scale, t, kDevice),
+                 autocast_cast(shift, t, kDevice), relu, pool_kernel, pool_stride);
+}
+
+}  // namespace
+}  // namespace robustops
+
+TORCH_LIBRARY_IMPL(robustops, AutocastCPU, m) {
+  m.impl("kernel_dropout_eval",
+         &robustops::kernel_dropout_eval_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(robustops, AutocastCUDA, m) {
+  m.impl("kernel_dropout_eval",
+         &robustops::kernel_dropout_eval_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>);
 }

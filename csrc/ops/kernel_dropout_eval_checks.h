@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include "conv_geometry.h"
+
 namespace robustops {
 
 struct KernelDropoutGeometry {
@@ -57,11 +59,13 @@ inline KernelDropoutGeometry check_kernel_dropout_eval_args(
   g.pw = padding[1];
   g.dh = dilation[0];
   g.dw = dilation[1];
-  TORCH_CHECK(g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1, op, ": stride and dilation must be >= 1");
-  TORCH_CHECK(g.ph >= 0 && g.pw >= 0, op, ": padding must be >= 0");
+  check_geometry_pair(stride, op, "stride", 1);
+  check_geometry_pair(padding, op, "padding", 0);
+  check_geometry_pair(dilation, op, "dilation", 1);
   TORCH_CHECK(g.kh >= 1 && g.kw >= 1, op, ": weight must have a non-empty kernel");
-  const int64_t ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
-  const int64_t wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  // Overflow-checked (absurd stride / padding / dilation must fail here, not wrap around).
+  const int64_t ho = checked_conv_out_size(g.H, g.ph, g.dh, g.kh, g.sh, op, "height geometry (padding, dilation)");
+  const int64_t wo = checked_conv_out_size(g.W, g.pw, g.dw, g.kw, g.sw, op, "width geometry (padding, dilation)");
   TORCH_CHECK(ho == g.Ho && wo == g.Wo, op, ": base spatial size ", g.Ho, "x", g.Wo,
               " does not match the convolution of delta (", ho, "x", wo, ")");
   for (const auto* t : {&scale, &shift}) {
@@ -76,6 +80,9 @@ inline KernelDropoutGeometry check_kernel_dropout_eval_args(
   }
   TORCH_CHECK(scale.has_value() == shift.has_value(), op, ": give both scale and shift, or neither");
   TORCH_CHECK(at::isfinite(weight).all().item<bool>(), op, ": weight must be finite");
+  TORCH_CHECK(pool_kernel[0] >= 0 && pool_kernel[1] >= 0, op, ": pool_kernel must be >= 0 (0, 0 means no pooling), got ",
+              pool_kernel);
+  TORCH_CHECK(pool_stride[0] >= 0 && pool_stride[1] >= 0, op, ": pool_stride must be >= 0, got ", pool_stride);
   g.pool = pool_kernel[0] > 0 || pool_kernel[1] > 0;
   if (g.pool) {
     g.pkh = pool_kernel[0];

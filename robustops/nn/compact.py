@@ -52,7 +52,8 @@ class CompactConv2d(nn.Conv2d):
 
     Parameters: ``weight``, ``bias`` (if ``bias=True``), ``alpha`` (0-dim). Because the backward
     reuses this layer's output, do not modify the output in place (use ``nn.ReLU()``, not
-    ``nn.ReLU(inplace=True)``, right after it).
+    ``nn.ReLU(inplace=True)``, right after it). Under ``torch.autocast`` (CPU or CUDA) the layer
+    computes in float32 (float64 for float64 inputs) and returns that dtype.
     """
 
     def __init__(
@@ -122,7 +123,9 @@ class CompactLinear(nn.Linear):
     """Compact fully-connected layer: ``alpha * W x / (||x||_2 + delta) + b``.
 
     Same constructor as :class:`torch.nn.Linear` plus ``alpha`` (initial value, learnable unless
-    ``learn_alpha=False``) and ``delta``. Do not modify its output in place (see CompactConv2d).
+    ``learn_alpha=False``) and ``delta``. Unlike :class:`CompactConv2d`, its output may be modified
+    in place (``nn.ReLU(inplace=True)`` after it is fine: the backward does not reuse the output).
+    Under ``torch.autocast`` it computes in float32 and returns float32.
     """
 
     def __init__(

@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -46,7 +47,9 @@ namespace robustops {
 namespace {
 
 constexpr int64_t kDirectMaxK = 80;   // largest C/groups*kh*kw handled by the fused direct path
-constexpr int64_t kTile = 256;        // output pixels per direct-path task (multiple of every kPix)
+constexpr int64_t kTile = 256;        // output pixels per direct-path task (multiple of every micro-tile)
+constexpr int64_t kMaxTile = 1024;    // whole small images as one task when the column buffer stays small
+constexpr int64_t kTileBytes = 40 << 10;  // column-buffer budget for the larger tiles (L1/L2)
 
 // ---------------------------------------------------------------------------------------------
 // Small geometry helpers
@@ -54,10 +57,13 @@ constexpr int64_t kTile = 256;        // output pixels per direct-path task (mul
 
 // Output positions o in [0, out) whose tap o*stride + off lands inside [0, in): returns [lo, hi).
 inline void valid_range(int64_t off, int64_t stride, int64_t in, int64_t out, int64_t& lo, int64_t& hi) {
-  // need 0 <= o*stride + off <= in - 1
-  lo = off >= 0 ? 0 : (-off + stride - 1) / stride;
+  // need 0 <= o*stride + off <= in - 1. Written so that nothing overflows for any geometry the
+  // checks accept (|off| <= padded size, stride up to INT64_MAX): ceil(-off / stride) as
+  // (-off - 1) / stride + 1, never -off + stride - 1.
+  lo = off >= 0 ? 0 : (-off - 1) / stride + 1;
   const int64_t last = in - 1 - off;
   hi = last < 0 ? 0 : std::min(out, last / stride + 1);
+  if (lo > out) lo = out;
   if (hi < lo) hi = lo;
 }
 
@@ -95,12 +101,12 @@ void patch_sumsq_plane(const T* __restrict__ xg, const CompactConvGeom& g, T* __
     valid_range(off, g.sw, g.W, g.Wo, lo, hi);
     if (lo >= hi) continue;
     for (int64_t ih = 0; ih < g.H; ++ih) {
-      const T* q = Q + ih * g.W + off;
+      const T* q = Q + ih * g.W + (lo * g.sw + off);  // first valid tap of the row
       T* r = R + ih * g.Wo;
       if (g.sw == 1) {
-        for (int64_t ow = lo; ow < hi; ++ow) r[ow] += q[ow];
+        for (int64_t ow = lo; ow < hi; ++ow) r[ow] += q[ow - lo];
       } else {
-        for (int64_t ow = lo; ow < hi; ++ow) r[ow] += q[ow * g.sw];
+        for (int64_t ow = lo; ow < hi; ++ow) r[ow] += q[(ow - lo) * g.sw];
       }
     }
   }
@@ -141,12 +147,12 @@ void patch_boxsum_adjoint_plane(const T* __restrict__ gq, const CompactConvGeom&
     valid_range(off, g.sw, g.W, g.Wo, lo, hi);
     if (lo >= hi) continue;
     for (int64_t ih = 0; ih < g.H; ++ih) {
-      T* gm = Gm + ih * g.W + off;
+      T* gm = Gm + ih * g.W + (lo * g.sw + off);  // first valid tap of the row
       const T* t = Tm + ih * g.Wo;
       if (g.sw == 1) {
-        for (int64_t ow = lo; ow < hi; ++ow) gm[ow] += t[ow];
+        for (int64_t ow = lo; ow < hi; ++ow) gm[ow - lo] += t[ow];
       } else {
-        for (int64_t ow = lo; ow < hi; ++ow) gm[ow * g.sw] += t[ow];
+        for (int64_t ow = lo; ow < hi; ++ow) gm[(ow - lo) * g.sw] += t[ow];
       }
     }
   }
@@ -155,42 +161,82 @@ void patch_boxsum_adjoint_plane(const T* __restrict__ gq, const CompactConvGeom&
 // ---------------------------------------------------------------------------------------------
 // Direct fused path
 // ---------------------------------------------------------------------------------------------
-template <typename T>
+// SIMD width (bytes), output channels per micro-tile and store flavour are template parameters, so
+// one body is compiled three times on x86-64: baseline (32-byte GCC vectors, emulated with SSE),
+// AVX2+FMA (ymm, 6 channels x 2 vectors: 12 accumulators of 16 registers) and AVX-512 (zmm,
+// 8 channels x 2 vectors: 16 accumulators of 32 registers, no padded channel blocks for the
+// common multiples of 8). The best one the CPU supports is picked at run time.
+enum Isa { kBase = 0, kAvx2 = 1, kAvx512 = 2 };
+
+template <typename T, int VB>
 struct Simd {
-  typedef T vec __attribute__((vector_size(32)));
-  typedef T uvec __attribute__((vector_size(32), aligned(sizeof(T))));  // unaligned access
-  static constexpr int kLanes = 32 / sizeof(T);
+  typedef T vec __attribute__((vector_size(VB)));
+  typedef T uvec __attribute__((vector_size(VB), aligned(sizeof(T))));  // unaligned access
+  static constexpr int kLanes = VB / sizeof(T);
   static inline __attribute__((always_inline)) vec load(const T* p) { return *reinterpret_cast<const uvec*>(p); }
   static inline __attribute__((always_inline)) void store(T* p, const vec& v) { *reinterpret_cast<uvec*>(p) = v; }
 };
 
-constexpr int kCoBlock = 6;  // output channels per micro-tile
-constexpr int kNVec = 2;     // SIMD vectors of pixels per micro-tile
+// Non-temporal (streaming) store of one aligned vector: the output line goes to memory without
+// being read first (no read-for-ownership) and without evicting the inputs from the cache. Inline
+// asm, so that the shared body needs no target-specific intrinsics.
+template <typename T, int VB, int ISA>
+inline __attribute__((always_inline)) void stream_store(T* p, const typename Simd<T, VB>::vec& v) {
+  using vec = typename Simd<T, VB>::vec;
+#ifdef ROBUSTOPS_X86_DISPATCH
+  if constexpr (ISA == kAvx2 && VB == 32) {
+    if constexpr (sizeof(T) == 4) {
+      asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "x"(v));
+    } else {
+      asm volatile("vmovntpd %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "x"(v));
+    }
+    return;
+  } else if constexpr (ISA == kAvx512 && VB == 64) {
+    if constexpr (sizeof(T) == 4) {
+      asm volatile("vmovntps %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "v"(v));
+    } else {
+      asm volatile("vmovntpd %1, %0" : "=m"(*reinterpret_cast<vec*>(p)) : "v"(v));
+    }
+    return;
+  }
+#endif
+  *reinterpret_cast<vec*>(p) = v;
+}
 
-template <typename T>
+inline void store_fence() {
+#ifdef ROBUSTOPS_X86_DISPATCH
+  asm volatile("sfence" ::: "memory");  // order the streaming stores before the op returns
+#endif
+}
+
+constexpr int kNVec = 2;  // SIMD vectors of pixels per micro-tile
+
+template <typename T, int VB>
 inline constexpr int64_t pix_per_micro() {
-  return static_cast<int64_t>(kNVec) * Simd<T>::kLanes;
+  return static_cast<int64_t>(kNVec) * Simd<T, VB>::kLanes;
 }
 
 // Arguments of one direct-path task: pixels [p0, p0 + cnt) of image n, group grp.
 template <typename T>
 struct DirectArgs {
   const T* x;       // [N, C, H, W]
-  const T* wpack;   // per group, per block of kCoBlock output channels: [K][kCoBlock]
+  const T* wpack;   // per group, per block of CO output channels: [K][CO]
   const T* bias;    // [Cout] or nullptr
   T* y;             // [N, Cout, Ho, Wo]
   T* cols;          // scratch [K][ldc]
   T* inv;           // scratch [ldc]
   int64_t ldc;
   T alpha, delta;
+  bool stream;      // streaming stores for the output (large outputs only)
 };
 
-template <typename T>
+template <typename T, int VB, int CO, int ISA>
 __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>& A, const CompactConvGeom& g,
                                                             int64_t n, int64_t grp, int64_t p0, int64_t cnt) {
-  using vec = typename Simd<T>::vec;
-  constexpr int L = Simd<T>::kLanes;
-  constexpr int64_t PM = pix_per_micro<T>();
+  using S = Simd<T, VB>;
+  using vec = typename S::vec;
+  constexpr int L = S::kLanes;
+  constexpr int64_t PM = pix_per_micro<T, VB>();
   const int64_t K = g.Cg * g.kh * g.kw;
   const int64_t P = g.Ho * g.Wo;
   const int64_t ldc = A.ldc;
@@ -200,7 +246,7 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
   // 1. im2col of this tile: cols[k][j] = x[n, grp*Cg + c, oh*sh - ph + kh*dh, ow*sw - pw + kw*dw]
   //    The tile is split into row segments (one output row each) once; then every tap copies its
   //    valid span per segment and zero-fills the padding.
-  int64_t seg_oh[kTile], seg_ow0[kTile], seg_len[kTile], seg_j[kTile];
+  int64_t seg_oh[kMaxTile], seg_ow0[kMaxTile], seg_len[kMaxTile], seg_j[kMaxTile];
   int64_t nseg = 0;
   for (int64_t j = 0, p = p0; j < cnt; ++nseg) {
     const int64_t oh = p / g.Wo;
@@ -232,11 +278,11 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
             continue;
           }
           for (int64_t ow = ow0; ow < a; ++ow) d[ow] = T(0);
-          const T* __restrict__ src = xc + ih * g.W + offw;
+          const T* __restrict__ src = xc + ih * g.W + (a * g.sw + offw);  // tap of output column a
           if (g.sw == 1) {
-            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow];
+            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow - a];
           } else {
-            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[ow * g.sw];
+            for (int64_t ow = a; ow < b; ++ow) d[ow] = src[(ow - a) * g.sw];
           }
           for (int64_t ow = b; ow < ow1; ++ow) d[ow] = T(0);
         }
@@ -254,38 +300,45 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
   }
   for (int64_t j = 0; j < cnt_pad; ++j) inv[j] = A.alpha / (std::sqrt(inv[j]) + A.delta);
 
-  // 3. register-blocked W x with the scaling and bias folded into the store
-  const int64_t nblk = (g.Og + kCoBlock - 1) / kCoBlock;
-  const T* wg = A.wpack + grp * nblk * K * kCoBlock;
-  using S = Simd<T>;
+  // 3. register-blocked W x with the scaling and bias folded into the store. Each (channel,
+  //    micro-tile) store is PM contiguous outputs (64 bytes for float with AVX2, 128 with AVX-512):
+  //    whole cache lines, written once and never re-read, streamed past the cache when large.
+  const int64_t nblk = (g.Og + CO - 1) / CO;
+  const T* wg = A.wpack + grp * nblk * K * CO;
   for (int64_t j0 = 0; j0 < cnt_pad; j0 += PM) {
     const int64_t valid = std::min<int64_t>(PM, cnt - j0);
     const T* __restrict__ cj = cols + j0;
+    vec sc[kNVec];
+    for (int v = 0; v < kNVec; ++v) sc[v] = S::load(inv + j0 + v * L);
     for (int64_t blk = 0; blk < nblk; ++blk) {
-      const T* __restrict__ wb = wg + blk * K * kCoBlock;
-      vec acc[kCoBlock][kNVec];
-      for (int r = 0; r < kCoBlock; ++r)
+      const T* __restrict__ wb = wg + blk * K * CO;
+      vec acc[CO][kNVec];
+      for (int r = 0; r < CO; ++r)
         for (int v = 0; v < kNVec; ++v) acc[r][v] = vec{};
       for (int64_t k = 0; k < K; ++k) {
         vec cv[kNVec];
         for (int v = 0; v < kNVec; ++v) cv[v] = S::load(cj + k * ldc + v * L);
-        const T* wk = wb + k * kCoBlock;
-        for (int r = 0; r < kCoBlock; ++r) {
+        const T* wk = wb + k * CO;
+        for (int r = 0; r < CO; ++r) {
           const T wr = wk[r];  // scalar * vector: broadcast
           for (int v = 0; v < kNVec; ++v) acc[r][v] += wr * cv[v];
         }
       }
-      const int64_t co0 = blk * kCoBlock;
-      const int rows = static_cast<int>(std::min<int64_t>(kCoBlock, g.Og - co0));
+      const int64_t co0 = blk * CO;
+      const int rows = static_cast<int>(std::min<int64_t>(CO, g.Og - co0));
       for (int r = 0; r < rows; ++r) {
         const int64_t co = grp * g.Og + co0 + r;
         const T bv = A.bias != nullptr ? A.bias[co] : T(0);
         T* dst = A.y + (n * g.Cout + co) * P + p0 + j0;
         if (valid == PM) {
-          for (int v = 0; v < kNVec; ++v) S::store(dst + v * L, acc[r][v] * S::load(inv + j0 + v * L) + bv);
+          if (A.stream && (reinterpret_cast<uintptr_t>(dst) % VB) == 0) {
+            for (int v = 0; v < kNVec; ++v) stream_store<T, VB, ISA>(dst + v * L, acc[r][v] * sc[v] + bv);
+          } else {
+            for (int v = 0; v < kNVec; ++v) S::store(dst + v * L, acc[r][v] * sc[v] + bv);
+          }
         } else {
           T tmp[PM];
-          for (int v = 0; v < kNVec; ++v) S::store(tmp + v * L, acc[r][v] * S::load(inv + j0 + v * L) + bv);
+          for (int v = 0; v < kNVec; ++v) S::store(tmp + v * L, acc[r][v] * sc[v] + bv);
           for (int64_t e = 0; e < valid; ++e) dst[e] = tmp[e];
         }
       }
@@ -293,79 +346,116 @@ __attribute__((always_inline)) inline void direct_tile_impl(const DirectArgs<T>&
   }
 }
 
-void direct_tile_generic_f32(const DirectArgs<float>& A, const CompactConvGeom& g, int64_t n, int64_t grp,
-                             int64_t p0, int64_t cnt) {
-  direct_tile_impl<float>(A, g, n, grp, p0, cnt);
-}
-void direct_tile_generic_f64(const DirectArgs<double>& A, const CompactConvGeom& g, int64_t n, int64_t grp,
-                             int64_t p0, int64_t cnt) {
-  direct_tile_impl<double>(A, g, n, grp, p0, cnt);
+// The three builds of the tile and the matching weight packing / tile geometry.
+template <typename T>
+using DirectTileFn = void (*)(const DirectArgs<T>&, const CompactConvGeom&, int64_t, int64_t, int64_t, int64_t);
+
+template <typename T>
+struct DirectKernel {
+  DirectTileFn<T> tile;
+  int co;       // output channels per micro-tile
+  int64_t pm;   // pixels per micro-tile
+  int vb;       // vector bytes (alignment of streaming stores)
+};
+
+template <typename T>
+void direct_tile_base(const DirectArgs<T>& A, const CompactConvGeom& g, int64_t n, int64_t grp, int64_t p0,
+                      int64_t cnt) {
+  direct_tile_impl<T, 32, 6, kBase>(A, g, n, grp, p0, cnt);
 }
 #ifdef ROBUSTOPS_X86_DISPATCH
-__attribute__((target("avx2,fma"))) void direct_tile_avx2_f32(const DirectArgs<float>& A, const CompactConvGeom& g,
-                                                              int64_t n, int64_t grp, int64_t p0, int64_t cnt) {
-  direct_tile_impl<float>(A, g, n, grp, p0, cnt);
+template <typename T>
+__attribute__((target("avx2,fma"))) void direct_tile_avx2(const DirectArgs<T>& A, const CompactConvGeom& g, int64_t n,
+                                                          int64_t grp, int64_t p0, int64_t cnt) {
+  direct_tile_impl<T, 32, 6, kAvx2>(A, g, n, grp, p0, cnt);
 }
-__attribute__((target("avx2,fma"))) void direct_tile_avx2_f64(const DirectArgs<double>& A, const CompactConvGeom& g,
-                                                              int64_t n, int64_t grp, int64_t p0, int64_t cnt) {
-  direct_tile_impl<double>(A, g, n, grp, p0, cnt);
+template <typename T>
+__attribute__((target("avx512f,avx2,fma"))) void direct_tile_avx512(const DirectArgs<T>& A, const CompactConvGeom& g,
+                                                                    int64_t n, int64_t grp, int64_t p0, int64_t cnt) {
+  direct_tile_impl<T, 64, 8, kAvx512>(A, g, n, grp, p0, cnt);
 }
 bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
+bool cpu_has_avx512f() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && cpu_has_avx2_fma();
+  return ok;
+}
 #endif
 
-inline void direct_tile(const DirectArgs<float>& A, const CompactConvGeom& g, int64_t n, int64_t grp, int64_t p0,
-                        int64_t cnt) {
-#ifdef ROBUSTOPS_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return direct_tile_avx2_f32(A, g, n, grp, p0, cnt);
-#endif
-  direct_tile_generic_f32(A, g, n, grp, p0, cnt);
+// ROBUSTOPS_COMPACT_CONV_ISA=base|avx2|avx512 caps the instruction set (for tests and benchmarks).
+int isa_cap() {
+  const char* s = std::getenv("ROBUSTOPS_COMPACT_CONV_ISA");
+  if (s == nullptr) return kAvx512;
+  const std::string v(s);
+  if (v == "base") return kBase;
+  if (v == "avx2") return kAvx2;
+  return kAvx512;
 }
-inline void direct_tile(const DirectArgs<double>& A, const CompactConvGeom& g, int64_t n, int64_t grp, int64_t p0,
-                        int64_t cnt) {
+
+template <typename T>
+DirectKernel<T> pick_direct_kernel() {
+  const int cap = isa_cap();
 #ifdef ROBUSTOPS_X86_DISPATCH
-  if (cpu_has_avx2_fma()) return direct_tile_avx2_f64(A, g, n, grp, p0, cnt);
+  if (cap >= kAvx512 && cpu_has_avx512f()) return {&direct_tile_avx512<T>, 8, pix_per_micro<T, 64>(), 64};
+  if (cap >= kAvx2 && cpu_has_avx2_fma()) return {&direct_tile_avx2<T>, 6, pix_per_micro<T, 32>(), 32};
 #endif
-  direct_tile_generic_f64(A, g, n, grp, p0, cnt);
+  (void)cap;
+  return {&direct_tile_base<T>, 6, pix_per_micro<T, 32>(), 32};
 }
+
+// Outputs at least this large are written with streaming stores (they do not fit in the caches
+// anyway, and the next layer would find them evicted).
+constexpr int64_t kStreamMinBytes = int64_t(4) << 20;
 
 template <typename T>
 void compact_conv2d_direct(const at::Tensor& x, const at::Tensor& w, const T* bias, const CompactConvGeom& g,
                            T alpha, T delta, at::Tensor& y) {
-  constexpr int64_t PM = pix_per_micro<T>();
+  const DirectKernel<T> kern = pick_direct_kernel<T>();
+  const int64_t CO = kern.co;
+  const int64_t PM = kern.pm;
   const int64_t K = g.Cg * g.kh * g.kw;
   const int64_t P = g.Ho * g.Wo;
-  const int64_t nblk = (g.Og + kCoBlock - 1) / kCoBlock;
+  const int64_t nblk = (g.Og + CO - 1) / CO;
 
-  // Pack the weights: per group, per block of kCoBlock output channels, [K][kCoBlock] (zero pad).
-  std::vector<T> wpack(static_cast<size_t>(g.G * nblk * K * kCoBlock), T(0));
+  // Pack the weights: per group, per block of CO output channels, [K][CO] (zero pad).
+  std::vector<T> wpack(static_cast<size_t>(g.G * nblk * K * CO), T(0));
   const T* wp = w.const_data_ptr<T>();
   for (int64_t grp = 0; grp < g.G; ++grp)
     for (int64_t o = 0; o < g.Og; ++o) {
-      const int64_t blk = o / kCoBlock, r = o % kCoBlock;
+      const int64_t blk = o / CO, r = o % CO;
       const T* src = wp + (grp * g.Og + o) * K;
-      T* dst = wpack.data() + ((grp * nblk + blk) * K) * kCoBlock + r;
-      for (int64_t k = 0; k < K; ++k) dst[k * kCoBlock] = src[k];
+      T* dst = wpack.data() + ((grp * nblk + blk) * K) * CO + r;
+      for (int64_t k = 0; k < K; ++k) dst[k * CO] = src[k];
     }
 
-  const int64_t tiles = (P + kTile - 1) / kTile;
-  const int64_t ldc = (std::min(P, kTile) + PM - 1) / PM * PM;
+  // Task = (image, group, tile of output pixels). A whole image plane is one tile when it has at
+  // most kMaxTile pixels and its column buffer fits kTileBytes (fewer, fuller tasks: no 16-pixel
+  // remainder tiles); otherwise tiles of kTile pixels.
+  const int64_t p_pad = (P + PM - 1) / PM * PM;
+  const int64_t tile_px = (P <= kMaxTile && K * p_pad * static_cast<int64_t>(sizeof(T)) <= kTileBytes) ? P : kTile;
+  const int64_t tiles = (P + tile_px - 1) / tile_px;
+  const int64_t ldc = (std::min(P, tile_px) + PM - 1) / PM * PM;
   const int64_t ntasks = g.N * g.G * tiles;
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.mutable_data_ptr<T>();
+  // ROBUSTOPS_COMPACT_CONV_STREAM=0|1 forces the store flavour (benchmarks); default by size.
+  const char* env_stream = std::getenv("ROBUSTOPS_COMPACT_CONV_STREAM");
+  const bool stream = env_stream != nullptr ? std::string(env_stream) != "0"
+                                            : y.numel() * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
   at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> cols(static_cast<size_t>(K * ldc));
     std::vector<T> inv(static_cast<size_t>(ldc));
-    DirectArgs<T> A{xp, wpack.data(), bias, yp, cols.data(), inv.data(), ldc, alpha, delta};
+    DirectArgs<T> A{xp, wpack.data(), bias, yp, cols.data(), inv.data(), ldc, alpha, delta, stream};
     for (int64_t t = begin; t < end; ++t) {
       const int64_t tile = t % tiles;
       const int64_t ng = t / tiles;
       const int64_t grp = ng % g.G, n = ng / g.G;
-      const int64_t p0 = tile * kTile;
-      direct_tile(A, g, n, grp, p0, std::min(kTile, P - p0));
+      const int64_t p0 = tile * tile_px;
+      kern.tile(A, g, n, grp, p0, std::min(tile_px, P - p0));
     }
+    if (stream) store_fence();
   });
 }
 

@@ -181,6 +181,12 @@ at::Tensor kernel_dropout_eval_cpu(const at::Tensor& base, const at::Tensor& del
               base.device());
   const KernelDropoutGeometry g = check_kernel_dropout_eval_args(base, delta, weight, channels, stride, padding,
                                                                  dilation, scale, shift, pool_kernel, pool_stride);
+  // This kernel keeps one zero-padded input plane per task: bound its size (overflow-checked).
+  const char* op = "kernel_dropout_eval (CPU kernel)";
+  const int64_t plane = checked_mul(checked_padded_size(g.H, g.ph, op, "padded height"),
+                                    checked_padded_size(g.W, g.pw, op, "padded width"), op, "padded plane size");
+  TORCH_CHECK(plane <= (int64_t(1) << 26), op, ": the zero-padded input plane would have ", plane,
+              " elements (input ", g.H, "x", g.W, ", padding ", padding, "); at most 2^26 are supported");
   const at::Tensor ch = channels.to(at::kCPU).contiguous();
   const int64_t V = ch.numel();
   const int64_t* cp = ch.const_data_ptr<int64_t>();

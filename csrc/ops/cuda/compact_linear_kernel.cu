@@ -17,10 +17,10 @@ at::Tensor compact_linear_cuda(const at::Tensor& x, const at::Tensor& weight, co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compact_linear_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& out, const at::Tensor& alpha, double delta, std::array<bool, 4> mask) {
+    const at::Tensor& alpha, double delta, std::array<bool, 4> mask) {
   TORCH_CHECK(x.is_cuda(), "_compact_linear_backward (CUDA kernel): x must be a CUDA tensor, got ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
-  return compact_linear_backward_impl(grad_out, x, weight, bias, out, alpha, delta, mask);
+  return compact_linear_backward_impl(grad_out, x, weight, bias, alpha, delta, mask);
 }
 
 }  // namespace
