@@ -10,7 +10,8 @@ Named composites (``get_composite(name, **overrides)``):
 ==================  ===============================================  ===========================
 name                rules                                            reference
 ==================  ===============================================  ===========================
-zero                LRP-0 on every linear layer                      Bach et al. 2015
+zero                LRP-0 on every linear layer (and unstabilised    Bach et al. 2015
+                    Norm on sums/average pools)
 epsilon             epsilon (default 1e-6) on every linear layer     Bach et al. 2015
 epsilon_plus_flat   flat on the first layer, z-plus on convolutions,  Zennit 1.0 ``EpsilonPlusFlat``
                     epsilon 1e-6 on dense layers (stabilisers 1e-6)
@@ -127,7 +128,7 @@ class Composite:
 
 
 def _zero() -> Composite:
-    return Composite([(LINEAR_TYPES, Zero())], name="zero")
+    return Composite([(LINEAR_TYPES, Zero())], name="zero", stabilizer=0.0)
 
 
 def _epsilon(epsilon: float = 1e-6) -> Composite:

@@ -86,7 +86,7 @@ def gradcam(model: nn.Module, x: torch.Tensor, layer: Union[str, nn.Module], tar
 
     with frozen_model(model), autograd_on():
         device = model_device(model, default=x.device)
-        xi = x.detach().to(device).clone()
+        xi = x.detach().to(device).clone().requires_grad_(True)
         handle = module.register_forward_hook(hook)
         try:
             logits = as_logits(model(xi), x.shape[0])

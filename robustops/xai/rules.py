@@ -236,7 +236,7 @@ class Norm(ModuleRule):
         self.stabilizer = _check_eps(stabilizer, "stabilizer")
 
     def relevance(self, layer: Callable, inputs, output, relevance):
-        s = relevance / stabilize(output, self.stabilizer)
+        s = _safe_div(relevance, output) if self.stabilizer == 0 else relevance / stabilize(output, self.stabilizer)
         with torch.enable_grad():
             xs = [t.detach().requires_grad_(True) for t in inputs]
             out = layer(*xs)
