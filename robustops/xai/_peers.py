@@ -1,10 +1,12 @@
-"""Interop with Zennit 1.0 for the equality tests and the benchmark (not used by robustops itself).
+"""Interop with Zennit 1.0 and pytorch-grad-cam for the equality tests and the benchmarks (not used
+by robustops itself).
 
-Zennit imports torchvision at import time only to name two torchvision ResNet block classes and
-``FrozenBatchNorm2d``; torchvision does not install beside this project's CPU torch. When
-torchvision is missing, :func:`import_zennit` registers a minimal stand-in module that provides
-those three names (classes no model here is an instance of), which leaves every rule and
-composite of Zennit untouched. :func:`zennit_canonizers` gives Zennit the canonizers it needs for
+Both import torchvision at import time only for names they do not use on our models (Zennit: two
+torchvision ResNet block classes and ``FrozenBatchNorm2d``; pytorch-grad-cam: transforms, a resize,
+``box_iou``); torchvision does not install beside this project's CPU torch. When torchvision is
+missing, :func:`install_torchvision_standin` registers a minimal stand-in that provides those names
+(classes no model here is an instance of, functions that raise), which leaves every rule,
+composite and CAM computation of the peers untouched. :func:`zennit_canonizers` gives Zennit the canonizers it needs for
 ``robustops.models`` ResNets (BatchNorm merging by name, residual sums), mirroring what
 ``zennit.torchvision.ResNetCanonizer`` does for torchvision's.
 """
@@ -20,39 +22,68 @@ from torch import nn
 from ..models.resnet import BasicBlock, Bottleneck
 
 
-def import_zennit():
-    """``zennit`` or None when it is not installed (a torchvision stand-in is added if needed)."""
+def install_torchvision_standin() -> bool:
+    """Register a minimal ``torchvision`` stand-in when torchvision is not importable.
+
+    It only provides the names zennit and pytorch-grad-cam touch at import time (classes no
+    model here is an instance of; functions that raise if called). Returns True if installed."""
     try:
-        import zennit  # noqa: F401
-        return zennit
+        import torchvision  # noqa: F401
+        return False
+    except ImportError:
+        pass
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("torchvision is not installed (robustops test stand-in)")
+
+    class _Never(nn.Module):  # never instantiated by the models here
+        pass
+
+    mods = {n: types.ModuleType(n) for n in (
+        "torchvision", "torchvision.ops", "torchvision.models", "torchvision.models.resnet",
+        "torchvision.transforms", "torchvision.transforms.functional")}
+    mods["torchvision"].__robustops_standin__ = True
+    mods["torchvision.ops"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (_Never,), {})
+    mods["torchvision.ops"].box_iou = unavailable
+    mods["torchvision.models.resnet"].BasicBlock = type("BasicBlock", (_Never,), {})
+    mods["torchvision.models.resnet"].Bottleneck = type("Bottleneck", (_Never,), {})
+    for name in ("Compose", "Normalize", "ToTensor", "Resize"):
+        setattr(mods["torchvision.transforms"], name, type(name, (), {"__init__": unavailable}))
+    mods["torchvision.transforms.functional"].resize = unavailable
+    mods["torchvision"].ops = mods["torchvision.ops"]
+    mods["torchvision"].models = mods["torchvision.models"]
+    mods["torchvision"].transforms = mods["torchvision.transforms"]
+    mods["torchvision.models"].resnet = mods["torchvision.models.resnet"]
+    mods["torchvision.transforms"].functional = mods["torchvision.transforms.functional"]
+    sys.modules.update(mods)
+    return True
+
+
+def _import(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
     except ModuleNotFoundError as err:
-        if err.name != "torchvision":
+        if err.name is None or not err.name.startswith("torchvision"):
             return None
-    tv = types.ModuleType("torchvision")
-    tv.__robustops_stub__ = True
-    ops = types.ModuleType("torchvision.ops")
-    models = types.ModuleType("torchvision.models")
-    resnet = types.ModuleType("torchvision.models.resnet")
-
-    class FrozenBatchNorm2d(nn.Module):  # never instantiated
-        pass
-
-    class _Block(nn.Module):  # never instantiated
-        pass
-
-    ops.FrozenBatchNorm2d = FrozenBatchNorm2d
-    resnet.BasicBlock = type("BasicBlock", (_Block,), {})
-    resnet.Bottleneck = type("Bottleneck", (_Block,), {})
-    tv.ops, tv.models, models.resnet = ops, models, resnet
-    sys.modules.update({"torchvision": tv, "torchvision.ops": ops, "torchvision.models": models,
-                        "torchvision.models.resnet": resnet})
-    for key in [k for k in sys.modules if k == "zennit" or k.startswith("zennit.")]:
+    install_torchvision_standin()
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
         del sys.modules[key]
     try:
-        import zennit
+        return importlib.import_module(name)
     except ImportError:
         return None
-    return zennit
+
+
+def import_zennit():
+    """``zennit`` or None when it is not installed (a torchvision stand-in is added if needed)."""
+    return _import("zennit")
+
+
+def import_gradcam():
+    """``pytorch_grad_cam`` (PyPI ``grad-cam``) or None (a torchvision stand-in is added if needed)."""
+    return _import("pytorch_grad_cam")
 
 
 def zennit_canonizers(model: nn.Module) -> List:
