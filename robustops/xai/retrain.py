@@ -26,14 +26,16 @@ __all__ = ["adversarial_retrain", "RetrainReport", "predict"]
 class RetrainReport(NamedTuple):
     """What :func:`adversarial_retrain` did.
 
-    Fields: ``n_train`` (clean training examples), ``n_correct`` (of them classified correctly by
-    the input model, i.e. attackable), ``n_adversarial`` (successful adversarial examples added),
+    Fields: ``n_train`` (clean training examples), ``n_attacked`` (examples the attack ran on:
+    ``n_train`` unless ``attack_limit``), ``n_correct`` (of those, classified correctly by the input
+    model, i.e. attackable), ``n_adversarial`` (successful adversarial examples added),
     ``attack_success_rate`` (``n_adversarial / n_correct``), ``history`` (the fine-tuning history of
     :func:`robustops.models.train`), ``attack`` (repr), ``settings`` (epochs, optimizer, lr, batch size,
     seed), ``seconds`` (``{"attack": s, "train": s}``).
     """
 
     n_train: int
+    n_attacked: int
     n_correct: int
     n_adversarial: int
     attack_success_rate: float
@@ -85,7 +87,8 @@ def adversarial_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, att
 
 def adversarial_retrain(model: nn.Module, train_data, attack: Union[Attack, Callable], epochs: int = 1,
                         seed: Optional[int] = 0, *, optimizer: str = "adam", lr: Optional[float] = None,
-                        batch_size: int = 64, attack_batch_size: int = 256, weight_decay: float = 0.0,
+                        batch_size: int = 64, attack_batch_size: int = 256, attack_limit: Optional[int] = None,
+                        weight_decay: float = 0.0,
                         device=None, progress: bool = False):
     """Adversarial retraining: fine-tune a copy of ``model`` on the training set plus its successful
     adversarial examples.
@@ -101,6 +104,8 @@ def adversarial_retrain(model: nn.Module, train_data, attack: Union[Attack, Call
         optimizer, lr, batch_size, weight_decay, device, progress: passed to
             :func:`robustops.models.train` (``lr=None``: its default for the optimizer).
         attack_batch_size: examples attacked per call.
+        attack_limit: attack only the first ``attack_limit`` training examples (for expensive attacks
+            such as one-pixel); all examples are still used for fine-tuning. None: attack all.
 
     Returns:
         ``(new_model, report)``: the fine-tuned copy (in the input model's train/eval state) and a
@@ -118,19 +123,20 @@ def adversarial_retrain(model: nn.Module, train_data, attack: Union[Attack, Call
         raise TypeError("attack must be a robustops Attack instance (e.g. FGSM(model, eps=0.1)) or a callable "
                         f"attack(model, x, y) -> x_adv, got {type(attack).__name__}")
     y = check_labels(y, x.shape[0], "train_data labels")
+    n_att = x.shape[0] if attack_limit is None else min(check_int(attack_limit, "attack_limit"), x.shape[0])
     t0 = time.perf_counter()
-    x_adv, success = adversarial_examples(model, x, y, attack, attack_batch_size)
+    x_adv, success = adversarial_examples(model, x[:n_att], y[:n_att], attack, attack_batch_size)
     t1 = time.perf_counter()
-    n_correct = int((predict(model, x) == y).sum())
+    n_correct = int((predict(model, x[:n_att]) == y[:n_att]).sum())
     x_ext = torch.cat([x, x_adv[success]])
-    y_ext = torch.cat([y, y[success]])
+    y_ext = torch.cat([y, y[:n_att][success]])
     new = copy.deepcopy(model)
     history = train(new, (x_ext, y_ext), epochs, optimizer=optimizer, lr=lr, batch_size=batch_size, seed=seed,
                     weight_decay=weight_decay, device=device, progress=progress)
     t2 = time.perf_counter()
     n_adv = int(success.sum())
     report = RetrainReport(
-        n_train=int(x.shape[0]), n_correct=n_correct, n_adversarial=n_adv,
+        n_train=int(x.shape[0]), n_attacked=int(n_att), n_correct=n_correct, n_adversarial=n_adv,
         attack_success_rate=n_adv / n_correct if n_correct else 0.0, history=history, attack=repr(attack),
         settings=dict(epochs=epochs, optimizer=optimizer, lr=lr, batch_size=batch_size, seed=seed,
                       weight_decay=weight_decay),
