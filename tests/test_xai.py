@@ -421,6 +421,15 @@ def test_restored_when_forward_raises_inside_canonized_resnet():
     _assert_untouched(model, before)
 
 
+def test_inplace_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(36, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).to(DT)
+    x = torch.rand(3, 1, 8, 8, dtype=DT)
+    r = xai.lrp(model, x, composite="zero")
+    torch.testing.assert_close(r, _grad_x_input(model, x, model(x).argmax(1)), rtol=1e-9, atol=1e-12)
+
+
 def test_shared_module_refused_unless_rule_allows():
     lin = nn.Linear(5, 5)
     model = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), nn.Linear(5, 3)).to(DT)

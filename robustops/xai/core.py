@@ -40,12 +40,15 @@ STARTS = ("logit", "one_hot")
 
 
 class _Relay(torch.autograd.Function):
-    """Identity in the forward (returns the layer's output values); the rule in the backward."""
+    """Identity in the forward (returns a copy of the layer's output values); the rule in the backward.
+
+    A copy, not a view: the next layer may modify it in place (``ReLU(inplace=True)``) without
+    touching the output the rule divides by."""
 
     @staticmethod
     def forward(ctx, fn, out, *inputs):
         ctx.fn = fn
-        return out.view_as(out)
+        return out.clone()
 
     @staticmethod
     def backward(ctx, relevance):
