@@ -496,3 +496,24 @@ def test_explain_pair_aligned_targets():
     assert cam.clean.shape == (4, 8, 8)
     with pytest.raises(ValueError, match="same shape"):
         xai.explain_pair(model, x, x_adv[:2])
+
+
+def test_concurrent_calls_on_one_model_agree():
+    import threading
+    torch.manual_seed(0)
+    model = _randomize_bn(models.resnet18(stem="mnist", width=0.0625)).eval()
+    xs = [torch.rand(2, 1, 16, 16) for _ in range(4)]
+    ref = [xai.lrp(model, x, composite="epsilon_plus_flat") for x in xs]
+    out = [None] * 4
+
+    def work(i):
+        out[i] = xai.lrp(model, xs[i], composite="epsilon_plus_flat")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    assert all("forward" not in m.__dict__ and not m._forward_hooks for m in model.modules())

@@ -18,6 +18,8 @@ other output gets 0.
 from __future__ import annotations
 
 import numbers
+import threading
+import weakref
 from collections import OrderedDict
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
@@ -54,6 +56,20 @@ class _Relay(torch.autograd.Function):
     def backward(ctx, relevance):
         fn, ctx.fn = ctx.fn, None
         return (None, None) + tuple(fn(relevance))
+
+
+_LOCKS_GUARD = threading.Lock()
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    """One lock per model: hooks and canonizer patches are visible to every thread, so traced
+    forward passes on the same model are serialised (the backward passes run outside the lock)."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 def _batch_sum(t: torch.Tensor) -> torch.Tensor:
@@ -94,6 +110,8 @@ class _Tracer:
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> "_Tracer":
+        self._lock = _model_lock(self.model)
+        self._lock.acquire()
         try:
             extra = []
             for c in self.canonizers:
@@ -126,6 +144,9 @@ class _Tracer:
         for h in reversed(canon):
             h.remove()
         self.produced.clear()
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
 
     # -- hooks -----------------------------------------------------------------------------
     def _watch_hook(self, module, args, output):
