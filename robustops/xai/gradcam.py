@@ -82,11 +82,17 @@ def gradcam(model: nn.Module, x: torch.Tensor, layer: Union[str, nn.Module], tar
     seen = []
 
     def hook(m, args, output):
+        # the map becomes a leaf that requires grad: the backward stops there, and no graph is
+        # built for the layers before it
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            output = output.detach().requires_grad_(True)
+            seen.append(output)
+            return output
         seen.append(output)
 
     with frozen_model(model), autograd_on():
         device = model_device(model, default=x.device)
-        xi = x.detach().to(device).clone().requires_grad_(True)
+        xi = x.detach().to(device).clone()  # a normal tensor even if x is an inference tensor
         handle = module.register_forward_hook(hook)
         try:
             logits = as_logits(model(xi), x.shape[0])
@@ -101,8 +107,6 @@ def gradcam(model: nn.Module, x: torch.Tensor, layer: Union[str, nn.Module], tar
         if not isinstance(a, torch.Tensor) or a.dim() != 4:
             shape = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             raise ValueError(f"Grad-CAM needs a layer with a [N, K, h, w] output; {layer!r} returns {shape}")
-        if not a.requires_grad:
-            raise ValueError(f"the output of layer {layer!r} does not depend on the input")
         tgt = _targets(target, logits)
         score = logits.gather(1, tgt[:, None]).sum()
         (g,) = torch.autograd.grad(score, a)
