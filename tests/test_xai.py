@@ -1,5 +1,4 @@
 """robustops.xai LRP: rules against matrix-form references, invariants, canonizers, restoration, errors."""
-import copy
 
 import pytest
 import torch

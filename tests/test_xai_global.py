@@ -4,7 +4,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from robustops import data, models, xai
 from robustops.attacks import FGSM, fgsm

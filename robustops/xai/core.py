@@ -21,7 +21,7 @@ import numbers
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -42,20 +42,55 @@ STARTS = ("logit", "one_hot")
 
 
 class _Relay(torch.autograd.Function):
-    """Identity in the forward (returns a copy of the layer's output values); the rule in the backward.
+    """Identity in the forward, the rule in the backward.
 
-    A copy, not a view: the next layer may modify it in place (``ReLU(inplace=True)``) without
-    touching the output the rule divides by."""
+    The forward returns a detached alias of the layer's output (no copy); the rule keeps another
+    alias. Both share the output's version counter: if a later in-place op (``ReLU(inplace=True)``)
+    overwrites the output, the backward sees the bumped version and recomputes the output
+    instead of dividing by overwritten values."""
 
     @staticmethod
-    def forward(ctx, fn, out, *inputs):
+    def forward(ctx, fn, *inputs):
         ctx.fn = fn
-        return out.clone()
+        out, fn.ret = fn.ret, None
+        return out
 
     @staticmethod
     def backward(ctx, relevance):
         fn, ctx.fn = ctx.fn, None
-        return (None, None) + tuple(fn(relevance))
+        return (None,) + tuple(fn(relevance))
+
+
+class _RelayFn:
+    """The backward of one relay: the rule on the saved (detached) inputs and output."""
+
+    __slots__ = ("rule", "layer", "name", "ins", "out", "versions", "record", "ret")
+
+    def __init__(self, rule, layer, name, inputs, output, record):
+        self.rule, self.layer, self.name, self.record = rule, layer, name, record
+        self.ins = tuple(t.detach() for t in inputs)
+        self.out = output.detach()
+        self.ret = output.detach()
+        self.versions = tuple(t._version for t in self.ins) + (self.out._version,)
+
+    def _output(self):
+        if self.out._version == self.versions[-1]:
+            return self.out
+        # overwritten in place after the layer ran: recompute it from the (intact) inputs
+        with torch.no_grad():
+            if self.rule.kind == "linear":
+                x = self.layer.prepare(self.ins[0])
+                return self.layer.forward(x, self.layer.weight, self.layer.bias)
+            return self.layer.forward(*self.ins)
+
+    def __call__(self, relevance):
+        if any(t._version != v for t, v in zip(self.ins, self.versions)):
+            raise RuntimeError(f"the input of layer {self.name!r} was modified in place after the layer ran; "
+                               "LRP needs it: use out-of-place operations there")
+        rin = self.rule.relevance(self.layer, self.ins, self._output(), relevance)
+        if self.record is not None:
+            self.record[self.name] = sum(_batch_sum(r) for r in rin)
+        return rin
 
 
 _LOCKS_GUARD = threading.Lock()
@@ -112,6 +147,7 @@ class _Tracer:
     def __enter__(self) -> "_Tracer":
         self._lock = _model_lock(self.model)
         self._lock.acquire()
+        self._thread = threading.get_ident()
         try:
             extra = []
             for c in self.canonizers:
@@ -150,6 +186,8 @@ class _Tracer:
 
     # -- hooks -----------------------------------------------------------------------------
     def _watch_hook(self, module, args, output):
+        if threading.get_ident() != self._thread:
+            return
         if args and isinstance(args[0], torch.Tensor):
             self.watched_input = args[0]
 
@@ -178,18 +216,11 @@ class _Tracer:
 
     def _relay(self, rule: Rule, layer, name: str, inputs: Sequence[torch.Tensor], output: torch.Tensor):
         record = None if isinstance(rule, Pass) else self.record
-        ins = tuple(t.detach() for t in inputs)
-        out = output.detach()
-
-        def fn(relevance: torch.Tensor):
-            rin = rule.relevance(layer, ins, out, relevance)
-            if record is not None:
-                record[name] = sum(_batch_sum(r) for r in rin)
-            return rin
-
-        return _Relay.apply(fn, out, *inputs)
+        return _Relay.apply(_RelayFn(rule, layer, name, inputs, output, record), *inputs)
 
     def _hook(self, module: nn.Module, args, output):
+        if threading.get_ident() != self._thread:  # another thread's call (e.g. a backward rule)
+            return None
         name = self.names[module]
         n = self.calls.get(module, 0) + 1
         self.calls[module] = n

@@ -4,7 +4,7 @@ matplotlib is part of the ``robustops[xai]`` extra; figures are returned, never 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

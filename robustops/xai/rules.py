@@ -143,26 +143,29 @@ class AlphaBeta(LinearRule):
             raise ValueError(f"alpha - beta must equal 1, got alpha={self.alpha}, beta={self.beta}")
         self.stabilizer = _check_eps(stabilizer, "stabilizer")
 
-    def _part(self, lm, xp, xn, w_a, w_b, bias, r):
+    def _part(self, lm, xp, xn, w_a, w_b, bias, r, positive):
         """``(xp * W_a^T s + xn * W_b^T s)`` with ``s = r / stab(W_a xp + W_b xn + bias)``."""
         z = lm.forward(xp, w_a, bias)
         if xn is not None:
             z = z + lm.forward(xn, w_b)
-        s = r / stabilize(z, self.stabilizer)
+        # z+ >= 0 by construction, where stab(z) = z + eps (sign(0) = +1) exactly
+        s = r / (z + self.stabilizer) if positive else r / stabilize(z, self.stabilizer)
         out = xp * lm.transpose(s, w_a, xp.shape)
         if xn is not None:
             out = out + xn * lm.transpose(s, w_b, xn.shape)
         return out
 
     def linear(self, lm, x, z, r):
-        xp = x.clamp(min=0)
-        xn = x.clamp(max=0) if bool((x < 0).any()) else None
+        if bool(x.amin() < 0):
+            xp, xn = x.clamp(min=0), x.clamp(max=0)
+        else:  # after a ReLU: the negative half vanishes
+            xp, xn = x, None
         wp, wn = _pos(lm.weight), _neg(lm.weight)
-        out = self._part(lm, xp, xn, wp, wn, _pos(lm.bias), r)
+        out = self._part(lm, xp, xn, wp, wn, _pos(lm.bias), r, True)
         if self.alpha != 1.0:
             out = out * self.alpha
         if self.beta != 0:
-            out = out - self.beta * self._part(lm, xp, xn, wn, wp, _neg(lm.bias), r)
+            out = out - self.beta * self._part(lm, xp, xn, wn, wp, _neg(lm.bias), r, False)
         return out
 
 
@@ -236,10 +239,11 @@ class Norm(ModuleRule):
         self.stabilizer = _check_eps(stabilizer, "stabilizer")
 
     def relevance(self, layer: Callable, inputs, output, relevance):
-        s = _safe_div(relevance, output) if self.stabilizer == 0 else relevance / stabilize(output, self.stabilizer)
         with torch.enable_grad():
             xs = [t.detach().requires_grad_(True) for t in inputs]
-            out = layer(*xs)
+            out = layer.forward(*xs) if isinstance(layer, nn.Module) else layer(*xs)
+            z = out.detach()
+            s = _safe_div(relevance, z) if self.stabilizer == 0 else relevance / stabilize(z, self.stabilizer)
             grads = torch.autograd.grad(out, xs, s)
         return tuple(x.detach() * g for x, g in zip(xs, grads))
 
