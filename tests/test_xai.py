@@ -429,6 +429,25 @@ def test_inplace_activations():
     torch.testing.assert_close(r, _grad_x_input(model, x, model(x).argmax(1)), rtol=1e-9, atol=1e-12)
 
 
+class ClobberInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.b(h)
+        h.mul_(0)          # overwrites b's input after b ran
+        return y
+
+
+def test_input_overwritten_in_place_is_refused():
+    model = ClobberInput()
+    with pytest.raises(RuntimeError, match="'b' was modified in place"):
+        xai.lrp(model, torch.rand(3, 4), composite="epsilon")
+    assert all(not m._forward_hooks for m in model.modules())
+
+
 def test_shared_module_refused_unless_rule_allows():
     lin = nn.Linear(5, 5)
     model = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), nn.Linear(5, 3)).to(DT)
