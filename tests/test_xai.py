@@ -139,6 +139,7 @@ def _small_layers():
         "conv1d": (nn.Conv1d(2, 3, 3, dilation=2), (2, 2, 9)),
         "compact_linear": (rnn.CompactLinear(6, 4, alpha=2.0), (3, 6)),
         "compact_conv": (rnn.CompactConv2d(2, 3, 3, padding=1, alpha=1.5), (2, 2, 5, 5)),
+        "compact_conv_negative_alpha": (rnn.CompactConv2d(2, 3, 3, padding=1, alpha=-0.8), (2, 2, 5, 5)),
     }
 
 
@@ -160,7 +161,8 @@ def test_rule_matches_matrix_reference(rule_name, layer_name):
     for n in range(shape[0]):
         Mn = M
         if lm.scale is not None:              # compact: the patch-normalised linear map c_j * w_ji
-            Mn = M * lm.scale[n].expand(out.shape[1:]).reshape(-1, 1)
+            c = float(torch.sign(layer.alpha)) * lm.scale[n]   # the signed c_j = alpha / (||patch_j|| + delta)
+            Mn = M * c.expand(out.shape[1:]).reshape(-1, 1)
         if layer_name == "conv_reflect":      # the kernel reads the padded input: map back with the pad adjoint
             continue
         ref = _reference(rule_name, Mn, b, x[n].reshape(-1), R[n].reshape(-1), EPS[rule_name])

@@ -158,20 +158,30 @@ def _compact_conv_scale(m: CompactConv2d, xp: torch.Tensor, conv: dict) -> torch
     return c if g == 1 else c.repeat_interleave(m.out_channels // g, dim=1)
 
 
+def _positive_scale(lm: LinearMap, module: nn.Module) -> None:
+    """A negative ``alpha`` goes into the weights (``c W = |c| (-W)``), so ``c > 0`` and the sign
+    splits of z-plus / alpha-beta act on the effective weights."""
+    if float(module.alpha) < 0:
+        lm.weight = -lm.weight
+        lm.scale = lm.scale.abs()
+
+
 def linear_map(module: nn.Module, x: torch.Tensor) -> LinearMap:
     """The :class:`LinearMap` of a linear layer (``nn.Linear``, ``nn.ConvNd``, compact layers) on ``x``."""
     if isinstance(module, nn.Linear):
-        scale = None
+        lm = LinearMap(module, x, module.weight, module.bias, 0)
         if isinstance(module, CompactLinear):
             norm = x.norm(dim=-1, keepdim=True)
-            scale = module.alpha.to(x.dtype) / (norm + module.delta)
-        return LinearMap(module, x, module.weight, module.bias, 0, scale=scale)
+            lm.scale = module.alpha.to(x.dtype) / (norm + module.delta)
+            _positive_scale(lm, module)
+        return lm
     for kind, cls in ((1, nn.Conv1d), (2, nn.Conv2d), (3, nn.Conv3d)):
         if isinstance(module, cls):
             conv, pre = _conv_spec(module, kind)
             lm = LinearMap(module, x, module.weight, module.bias, kind, conv, pre)
             if isinstance(module, CompactConv2d):
                 lm.scale = _compact_conv_scale(module, lm.prepare(x), conv)
+                _positive_scale(lm, module)
             return lm
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
