@@ -161,7 +161,7 @@ def _compact_conv_scale(m: CompactConv2d, xp: torch.Tensor, conv: dict) -> torch
 def _positive_scale(lm: LinearMap, module: nn.Module) -> None:
     """A negative ``alpha`` goes into the weights (``c W = |c| (-W)``), so ``c > 0`` and the sign
     splits of z-plus / alpha-beta act on the effective weights."""
-    if float(module.alpha) < 0:
+    if float(module.alpha.detach()) < 0:
         lm.weight = -lm.weight
         lm.scale = lm.scale.abs()
 
