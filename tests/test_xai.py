@@ -161,7 +161,7 @@ def test_rule_matches_matrix_reference(rule_name, layer_name):
     for n in range(shape[0]):
         Mn = M
         if lm.scale is not None:              # compact: the patch-normalised linear map c_j * w_ji
-            c = float(torch.sign(layer.alpha)) * lm.scale[n]   # the signed c_j = alpha / (||patch_j|| + delta)
+            c = float(torch.sign(layer.alpha.detach())) * lm.scale[n]   # the signed c_j = alpha / (||patch_j|| + delta)
             Mn = M * c.expand(out.shape[1:]).reshape(-1, 1)
         if layer_name == "conv_reflect":      # the kernel reads the padded input: map back with the pad adjoint
             continue
