@@ -109,6 +109,13 @@ def get_extension(with_cuda, version):
         # -g0 after it drops the debug info (CPU core 23.5 MB -> 0.5 MB). The symbol table stays
         # (function names in perf profiles and backtraces; -s would save only another 80 KB).
         cxx += ["-O3", "-g0"]
+        # Source paths as the sdist has them (csrc/ops/x.cpp in TORCH_CHECK messages) and torch's
+        # headers as torch/include/..., not this machine's paths: the same sources and torch give
+        # the same binary wherever they are unpacked (the last matching map wins: torch's, for a
+        # venv inside the source tree).
+        if not sys.platform.startswith("win"):
+            torch_parent = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+            cxx += ["-ffile-prefix-map=%s=" % (HERE + os.sep), "-ffile-prefix-map=%s=" % (torch_parent + os.sep)]
         nvcc += ["-O3"]
         if _flag("ROBUSTOPS_LINEINFO"):
             nvcc += ["-lineinfo"]

@@ -98,7 +98,7 @@ def smoke_kernel_dropout_eval(ops, dev):
     _close(out, ref, "kernel_dropout_eval")
 
 
-#: op -> (smoke function, ops it exercises). Add an entry with every new compiled op.
+#: op -> smoke function (device) running it once against a reference. Add one with every new op.
 SMOKE = {
     "robustops::fgsm_step": smoke_fgsm_step,
     "robustops::compact_conv2d": smoke_compact_conv2d,  # + robustops::_compact_conv2d_backward
@@ -132,6 +132,23 @@ def _check_versions(robustops, expect_label):
         raise AssertionError(f"the wheel's torch requirement {pins} should pin this torch series")
 
 
+def run_ops(robustops, smoke=None):
+    """Run every SMOKE entry whose op is registered; return (registered ops, ops that never ran)."""
+    smoke = SMOKE if smoke is None else smoke
+    registered = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("robustops::"))
+    devices = ["cpu"]
+    if robustops.build_info()["cuda"] and torch.cuda.is_available():
+        devices.append("cuda")
+    recorder = _RecordOps()
+    with recorder:
+        for name in registered:
+            if name in smoke:
+                for dev in devices:
+                    smoke[name](robustops.ops, dev)
+                print(f"ran {name} on {', '.join(devices)}: matches the reference")
+    return registered, [n for n in registered if n not in recorder.seen]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expect-label", default=os.environ.get("ROBUSTOPS_LOCAL_VERSION"),
@@ -144,18 +161,7 @@ def main(argv=None) -> int:
     print(f"build_info: {robustops.build_info()}")
     _check_versions(robustops, args.expect_label)
 
-    registered = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("robustops::"))
-    devices = ["cpu"]
-    if robustops.build_info()["cuda"] and torch.cuda.is_available():
-        devices.append("cuda")
-    recorder = _RecordOps()
-    with recorder:
-        for name in registered:
-            if name in SMOKE:
-                for dev in devices:
-                    SMOKE[name](robustops.ops, dev)
-                print(f"ran {name} on {', '.join(devices)}: matches the reference")
-    missing = [n for n in registered if n not in recorder.seen]
+    registered, missing = run_ops(robustops)
     if missing:
         raise SystemExit(
             f"FAIL: {len(missing)} registered op(s) never ran: {missing}. Add a smoke call with a "
