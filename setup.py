@@ -34,7 +34,8 @@ BASE_VERSION = _V["__version__"]
 # Runtime dependencies besides torch (torch's pin depends on the build, see _torch_requirement).
 DEPENDENCIES = ["numpy", "scipy", "scikit-learn"]
 # An sdist is not compiled: no flavour label, no torch series pin.
-BUILDING_SDIST = "sdist" in sys.argv[1:]
+_COMPILING = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
+BUILDING_SDIST = "sdist" in sys.argv[1:] and not _COMPILING.intersection(sys.argv[1:])
 
 
 def _flag(name):
