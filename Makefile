@@ -57,4 +57,4 @@ cuda-check:
 	bash scripts/cuda_check.sh $(CUDA_VENV) $(CUDA_TORCH_VERSION)
 
 clean:
-	rm -rf build dist wheelhouse *.egg-info robustops/_C*.so $(STAMP)
+	rm -rf build dist wheelhouse *.egg-info robustops/_C*.so robustops/_build_meta.py $(STAMP)
