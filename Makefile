@@ -10,7 +10,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_VERSION ?= 2.14.1
 STAMP  := $(VENV)/.robustops-built
 
-.PHONY: test demo setup build wheel bench bench-quick cuda-check clean
+.PHONY: test demo setup build wheel sdist bench bench-quick cuda-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,13 +44,20 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py --quick
 
-# Build a wheel, install it into a throw-away venv (torch from disk, no network), import, run an op.
+# Release check: sdist + wheel (the sdist must build the same wheel), auditwheel repair into a
+# manylinux tag (torch's libraries excluded), install into a fresh venv (torch from disk), run every
+# op and `robustops info`; prints the wheel's name, size and tag. Output: dist/, wheelhouse/.
 wheel: $(STAMP)
 	bash scripts/check_wheel.sh $(PY) $(TORCH_VERSION)
+
+# The source distribution alone (dist/robustops-<version>.tar.gz); `make wheel` also checks it.
+sdist: $(STAMP)
+	$(PIP) install -q build
+	$(PY) -m build --sdist --no-isolation --outdir dist .
 
 # Compile the CUDA sources without a GPU: a separate venv with the CUDA build of torch + nvcc.
 cuda-check:
 	bash scripts/cuda_check.sh $(CUDA_VENV) $(CUDA_TORCH_VERSION)
 
 clean:
-	rm -rf build dist wheelhouse *.egg-info robustops/_C*.so $(STAMP)
+	rm -rf build dist wheelhouse *.egg-info robustops/_C*.so robustops/_build_meta.py $(STAMP)
