@@ -10,7 +10,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_VERSION ?= 2.14.1
 STAMP  := $(VENV)/.robustops-built
 
-.PHONY: test demo report-check setup build wheel bench bench-quick cuda-check clean
+.PHONY: test demo report-check setup build wheel sdist bench bench-quick cuda-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ $(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(shell find csrc -type f 2
 	@# Peer library for the equality tests only (its torchvision dependency would pull a CUDA torch,
 	@# so --no-deps); best effort: those tests skip when it is absent.
 	-$(PIP) install -q --no-deps torchattacks==3.5.1 || echo "torchattacks not installed: its tests will be skipped"
+	@# robustops.xai: the [xai] extra (UMAP, plots), then its test peers (best effort, --no-deps: see pyproject)
+	-$(PIP) install -q umap-learn matplotlib || echo "umap-learn not installed: the UMAP test will be skipped"
+	-$(PIP) install -q --no-deps --ignore-requires-python zennit==1.0.0 grad-cam==1.5.7 ttach opencv-python-headless || echo "xai peers not installed: their tests will be skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -54,13 +57,20 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py --quick
 
-# Build a wheel, install it into a throw-away venv (torch from disk, no network), import, run an op.
+# Release check: sdist + wheel (the sdist must build the same wheel), auditwheel repair into a
+# manylinux tag (torch's libraries excluded), install into a fresh venv (torch from disk), run every
+# op and `robustops info`; prints the wheel's name, size and tag. Output: dist/, wheelhouse/.
 wheel: $(STAMP)
 	bash scripts/check_wheel.sh $(PY) $(TORCH_VERSION)
+
+# The source distribution alone (dist/robustops-<version>.tar.gz); `make wheel` also checks it.
+sdist: $(STAMP)
+	$(PIP) install -q build
+	$(PY) -m build --sdist --no-isolation --outdir dist .
 
 # Compile the CUDA sources without a GPU: a separate venv with the CUDA build of torch + nvcc.
 cuda-check:
 	bash scripts/cuda_check.sh $(CUDA_VENV) $(CUDA_TORCH_VERSION)
 
 clean:
-	rm -rf build dist wheelhouse *.egg-info robustops/_C*.so $(STAMP)
+	rm -rf build dist wheelhouse *.egg-info robustops/_C*.so robustops/_build_meta.py $(STAMP)
