@@ -16,7 +16,7 @@ returns ``det``), ``det.score(x) -> Tensor[N]`` (higher = more adversarial),
 ``det.predict(x) -> BoolTensor[N]`` (True = adversarial). See docs/detection.md.
 """
 from .base import Detector, NoAdversarialError, NotFittedError, ShapeMismatchError, evaluate_detector
-from .features import ActivationRecorder, NoLayersError, neuron_features, normalize_features, select_layers
+from .features import ActivationRecorder, Extracted, NoLayersError, extract, neuron_features, normalize_features, select_layers
 from .forest import TensorForest
 from .lasso import MuLassoResult, mu_lasso, project_l1_ball
 from .nic import NICDetector
@@ -28,5 +28,5 @@ __all__ = [
     "relevant_neurons", "mu_lasso", "evaluate_detector",
     "Detector", "NotFittedError", "ShapeMismatchError", "NoAdversarialError", "NoLayersError",
     "MuLassoResult", "project_l1_ball", "neuron_features", "normalize_features", "select_layers",
-    "TensorForest", "bit_depth", "median_filter",
+    "TensorForest", "bit_depth", "median_filter", "extract", "Extracted",
 ]

@@ -57,11 +57,14 @@ def _project_rows(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     u, _ = torch.sort(a, dim=1, descending=True)
     css = torch.cumsum(u, dim=1) - r[:, None]
     k = torch.arange(1, m + 1, dtype=v.dtype, device=v.device)
-    cond = u * k > css                                   # holds exactly for k = 1..rho (a prefix)
-    rho = cond.sum(1).clamp_min(1) - 1                   # index of the last k where it holds
+    cond = u * k > css                                   # holds for k = 1..rho (a prefix in exact arithmetic)
+    rho = (cond.to(torch.int64) * torch.arange(m, device=v.device)).amax(1)   # last k where it holds
     theta = css.gather(1, rho[:, None]) / (rho[:, None].to(v.dtype) + 1)
     theta = torch.where(inside[:, None], torch.zeros_like(theta), theta.clamp_min(0))
-    return torch.sign(v) * (a - theta).clamp_min(0)
+    w = torch.sign(v) * (a - theta).clamp_min(0)
+    # |v| - theta cancels when |v| >> r; rescale the (tiny) rounding excess so w stays feasible
+    l1 = w.abs().sum(1, keepdim=True)
+    return torch.where(l1 > r[:, None], w * (r[:, None] / l1.clamp_min(1e-300)), w)
 
 
 class MuLassoResult(NamedTuple):
@@ -204,10 +207,12 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
     g = grad(Qt)
     f = fval(Wt, Qt)
 
+    scale = max(1.0, float(g.abs().max()))
+    alpha_min, alpha_max = 1e-10, 1e6 / scale
+
     def gap_of(Wt, g):
         return (mu_t * g.abs().amax(1) + (Wt * g).sum(1)).clamp_min(0)
 
-    alpha_min, alpha_max = 1e-10, 1e10
     d0 = _project_rows(Wt - g, mu_t) - Wt                   # first step: 1 / ||P(w - g) - w||_inf (SPG2)
     alpha = (1.0 / d0.abs().amax(1).clamp_min(1e-30)).clamp(alpha_min, alpha_max)
     hist = f[None, :].repeat(memory, 1)
@@ -249,7 +254,8 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         g = g_new
         sts = (St * St).sum(1)
         sty = (St * Yd).sum(1)
-        alpha = torch.where(sty > 0, sts / sty.clamp_min(1e-300), torch.full_like(sty, alpha_max))
+        # BB step; no curvature along s (G is singular when N < m): keep the previous step
+        alpha = torch.where(sty > 1e-12 * sts, sts / sty.clamp_min(1e-300), alpha)
         alpha = alpha.clamp(alpha_min, alpha_max)
         hist = torch.cat([hist[1:], f[None, :]], 0)
     W = Wt.T.contiguous()

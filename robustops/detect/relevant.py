@@ -98,7 +98,8 @@ class RelevantNeuronDetector(Detector):
         seed: random state of the forest.
         n_jobs: forest training jobs (scikit-learn's ``n_jobs``).
         batch_size: images per forward pass.
-        solver_kw: options of :func:`mu_lasso` (``tol``, ``max_iter``).
+        solver_kw: options of :func:`mu_lasso` (default here ``max_iter=1000, tol=1e-4``: the
+            relative duality gap; ill-conditioned problems (N < m) may stop at the cap).
 
     After ``fit``: ``relevant`` (per class: ``clean`` / ``adv`` / ``shared`` / ``symdiff``
     neuron indices, into the m features; ``neuron_names()`` maps them to ``layer:channel``),
@@ -156,8 +157,27 @@ class RelevantNeuronDetector(Detector):
         clean = extract(self.model, x_clean, self.layer_names, self.normalize, self.batch_size, name="x_clean")
         adv = extract(self.model, x_adv, self.layer_names, self.normalize, self.batch_size, name="x_adv",
                       sample_shape=clean.sample_shape)
-        f_clean, p_clean = clean.features, clean.predictions
-        f_adv, p_adv = adv.features, adv.predictions
+        return self.fit_features(clean.features, clean.predictions, adv.features, adv.predictions,
+                                 num_classes=clean.num_classes, only_successful=only_successful,
+                                 layer_sizes=clean.sizes, sample_shape=clean.sample_shape)
+
+    def fit_features(self, f_clean: torch.Tensor, p_clean: torch.Tensor, f_adv: torch.Tensor, p_adv: torch.Tensor,
+                     num_classes: int, only_successful: bool = True, layer_sizes: Optional[Sequence[int]] = None,
+                     sample_shape: Optional[Sequence[int]] = None,
+                     relevant: Optional[Dict[int, Dict[str, List[int]]]] = None) -> "RelevantNeuronDetector":
+        """:meth:`fit` from precomputed descriptors (``[N, m]``, as :func:`extract` returns them
+        with this detector's ``layers`` and ``normalize``) and the model's predictions ``[N]``.
+        Lets an experiment reuse one feature extraction for many settings (mu, variant, label).
+        ``layer_sizes`` / ``sample_shape``: those of the extraction (``Extracted.sizes`` /
+        ``.sample_shape``); ``fit`` passes them. ``relevant``: the ``relevant`` dict of a detector
+        fitted on the same data with the same mu (skips the two mu-Lasso solves)."""
+        if layer_sizes is not None:
+            self.layer_sizes_ = [int(v) for v in layer_sizes]
+        if sample_shape is not None:
+            self.sample_shape_ = tuple(int(v) for v in sample_shape)
+        if f_clean.dim() != 2 or f_adv.dim() != 2 or f_clean.shape[1] != f_adv.shape[1]:
+            raise ShapeMismatchError(f"clean features {tuple(f_clean.shape)} and adversarial features "
+                                     f"{tuple(f_adv.shape)} differ in width")
         if only_successful:
             if f_adv.shape[0] != f_clean.shape[0]:
                 raise ShapeMismatchError(
@@ -168,22 +188,32 @@ class RelevantNeuronDetector(Detector):
                 raise NoAdversarialError("the attack succeeded on no example: every x_adv[i] gets the same prediction "
                                          "as x_clean[i]; nothing to learn adversarial neurons from")
             f_adv, p_adv = f_adv[ok], p_adv[ok]
+        elif f_adv.shape[0] == 0:
+            raise NoAdversarialError("x_adv holds no example")
         self.n_adv_used_ = int(f_adv.shape[0])
-        c = clean.num_classes
+        c = int(num_classes)
         self.num_classes_ = c
-        self.layer_sizes_ = list(clean.sizes)
-        self.sample_shape_ = tuple(clean.sample_shape)
         self.n_features_ = int(f_clean.shape[1])
-        sets_c, self.W_clean_ = relevant_neurons(f_clean.double(), p_clean, self.mu, c, return_weights=True,
-                                                 **self.solver_kw)
-        sets_a, self.W_adv_ = relevant_neurons(f_adv.double(), p_adv, self.mu, c, return_weights=True,
-                                               **self.solver_kw)
-        self.relevant = {}
-        for j in range(c):
-            rc, ra = sets_c[j], sets_a[j]
-            self.relevant[j] = {"clean": rc.tolist(), "adv": ra.tolist(),
-                                "shared": _combine(rc, ra, "shared").tolist(),
-                                "symdiff": _combine(rc, ra, "symdiff").tolist()}
+        if not hasattr(self, "layer_sizes_") or not hasattr(self, "sample_shape_"):
+            raise ValueError("fit_features needs layer_sizes and sample_shape (Extracted.sizes / .sample_shape)")
+        if sum(self.layer_sizes_) != f_clean.shape[1]:
+            raise ShapeMismatchError(f"layer_sizes sum to {sum(self.layer_sizes_)} but the features have "
+                                     f"{f_clean.shape[1]} columns")
+        if relevant is not None:
+            if sorted(relevant) != list(range(c)):
+                raise ValueError(f"relevant must have one entry per class 0..{c - 1}")
+            self.relevant = {int(j): {k: list(v) for k, v in d.items()} for j, d in relevant.items()}
+            self.W_clean_ = self.W_adv_ = None
+        else:
+            kw = {"max_iter": 1000, "tol": 1e-4, **self.solver_kw}
+            sets_c, self.W_clean_ = relevant_neurons(f_clean.double(), p_clean, self.mu, c, return_weights=True, **kw)
+            sets_a, self.W_adv_ = relevant_neurons(f_adv.double(), p_adv, self.mu, c, return_weights=True, **kw)
+            self.relevant = {}
+            for j in range(c):
+                rc, ra = sets_c[j], sets_a[j]
+                self.relevant[j] = {"clean": rc.tolist(), "adv": ra.tolist(),
+                                    "shared": _combine(rc, ra, "shared").tolist(),
+                                    "symdiff": _combine(rc, ra, "symdiff").tolist()}
         self._build_index()
         if self._index.numel() == 0:
             raise ValueError(f"no relevant neuron selected for any class with variant={self.variant!r}, mu={self.mu}: "
@@ -191,7 +221,7 @@ class RelevantNeuronDetector(Detector):
         z_clean = self._design(f_clean, p_clean)
         z_adv = self._design(f_adv, p_adv)
         from sklearn.ensemble import RandomForestClassifier
-        z = torch.cat([z_clean, z_adv]).numpy()
+        z = torch.cat([z_clean, z_adv]).cpu().numpy()
         y = np.r_[np.zeros(z_clean.shape[0], np.int64), np.ones(z_adv.shape[0], np.int64)]
         rf = RandomForestClassifier(n_estimators=self.n_estimators, random_state=self.seed, n_jobs=self.n_jobs)
         rf.fit(z, y)
@@ -238,11 +268,17 @@ class RelevantNeuronDetector(Detector):
         out = []
         for xb in _iter_images(x, self.batch_size, "x"):
             feats, logits = self.features_and_logits(xb)
-            if self.forest_.feature.device != feats.device:
-                self.forest_ = self.forest_.to(feats.device)
-            z = self._design(feats, logits.argmax(1))
-            out.append(self.forest_.predict_proba(z)[:, 1])
+            out.append(self.score_features(feats, logits.argmax(1)))
         return torch.cat(out)
+
+    def score_features(self, feats: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+        """``P(adversarial)`` from precomputed descriptors ``[N, m]`` and predictions ``[N]``."""
+        self._check_fitted("score_features")
+        if feats.dim() != 2 or feats.shape[1] != self.n_features_:
+            raise ShapeMismatchError(f"features must be [N, {self.n_features_}], got {tuple(feats.shape)}")
+        if self.forest_.feature.device != feats.device:
+            self.forest_ = self.forest_.to(feats.device)
+        return self.forest_.predict_proba(self._design(feats, preds.to(feats.device)))[:, 1]
 
     def decide(self, scores: torch.Tensor) -> torch.Tensor:
         """True where ``P(adversarial) > 0.5`` (the forest's majority, as ``rf.predict``)."""
@@ -284,7 +320,8 @@ class RelevantNeuronDetector(Detector):
             "sample_shape": list(self.sample_shape_), "n_features": self.n_features_,
             "n_adv_used": self.n_adv_used_,
             "relevant": {str(j): {k: list(v) for k, v in d.items()} for j, d in self.relevant.items()},
-            "W_clean": self.W_clean_.detach().cpu(), "W_adv": self.W_adv_.detach().cpu(),
+            "W_clean": None if self.W_clean_ is None else self.W_clean_.detach().cpu(),
+            "W_adv": None if self.W_adv_ is None else self.W_adv_.detach().cpu(),
             "forest": self.forest_.state_dict(),
         }
         torch.save(state, os.fspath(path))
