@@ -108,16 +108,18 @@ def run_dataset(name, args, out):
     fs = FeatureSqueezingDetector(model, ("bit_depth_1", "median_2x2"), fpr=0.05).fit(xa_tr)
     nic = NICDetector(model, nu=0.1, fpr=0.05, seed=0).fit(xa_tr)
     res["baseline_fit_s"] = time.perf_counter() - t
-    clean_tr = extract(model, xa_tr)
-    clean_te = extract(model, xa_te)
+    clean_tr = extract(model, xa_tr, normalize=args.normalize)
+    clean_te = extract(model, xa_te, normalize=args.normalize)
     for aname, atk in attacks(args).items():
+        if args.attacks and not any(aname.startswith(a) for a in args.attacks):
+            continue
         t = time.perf_counter()
         ntr = args.n_train if not aname.startswith("CW") else min(args.n_train, args.n_cw)
         nte = args.n_test if not aname.startswith("CW") else min(args.n_test, args.n_cw)
         adv_tr = atk(model, xa_tr[:ntr], ya_tr[:ntr])
         adv_te = atk(model, xa_te[:nte], ya_te[:nte])
         t_attack = time.perf_counter() - t
-        a_tr, a_te = extract(model, adv_tr), extract(model, adv_te)
+        a_tr, a_te = extract(model, adv_tr, normalize=args.normalize), extract(model, adv_te, normalize=args.normalize)
         ok_tr = a_tr.predictions != clean_tr.predictions[:ntr]
         ok_te = a_te.predictions != clean_te.predictions[:nte]
         ar = {"attack_s": t_attack, "success_train": float(ok_tr.float().mean()),
@@ -138,7 +140,7 @@ def run_dataset(name, args, out):
             for variant in VARIANTS:
                 for use_label in (True, False):
                     det = RelevantNeuronDetector(model, mu=mu, variant=variant, use_label=use_label,
-                                                 n_estimators=args.trees, seed=0)
+                                                 n_estimators=args.trees, seed=0, normalize=args.normalize)
                     key = f"mu={mu}|{variant}|{'label' if use_label else 'nolabel'}"
                     try:
                         det.fit_features(clean_tr.features[:ntr], clean_tr.predictions[:ntr], a_tr.features,
@@ -210,6 +212,8 @@ def main(argv=None):
     p.add_argument("--cw-steps", type=int, default=50)
     p.add_argument("--cw-bss", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--normalize", default="sum_l2", choices=("sum_l2", "l2"), help="feature normalisation of ours")
+    p.add_argument("--attacks", nargs="*", help="run only attacks whose name starts with these (e.g. FGSM JSMA)")
     p.add_argument("--json", default="detect_experiment.json")
     p.add_argument("--quick", action="store_true", help="digits only, 200/100 images, 30 trees, 10 epochs")
     args = p.parse_args(argv)

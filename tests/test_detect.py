@@ -251,8 +251,9 @@ def test_use_label_zeroes_other_blocks(fitted, digits):
 
 def test_variants_and_loaders(digits, adv):
     model, xtr, ytr, xte, yte = digits
-    loader_c = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=100)
-    loader_a = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(adv[0], ytr), batch_size=100)
+    n = 600
+    loader_c = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr[:n], ytr[:n]), batch_size=100)
+    loader_a = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(adv[0][:n], ytr[:n]), batch_size=100)
     for variant in ("clean", "symdiff"):
         det = RelevantNeuronDetector(model, mu=20, variant=variant, use_label=False, n_estimators=20).fit(
             loader_c, loader_a)
