@@ -122,7 +122,7 @@ def test_project_l1_ball_against_bisection():
         assert abs(float(w[:, j].abs().sum()) - float(r[j])) < 1e-9
 
 
-@pytest.mark.parametrize("mode", ["gram", "direct"])
+@pytest.mark.parametrize("mode", ["gram", "direct", "auto"])
 @pytest.mark.parametrize("alpha", [0.02, 0.1])
 def test_mu_lasso_matches_sklearn_lasso_at_same_l1_norm(mode, alpha):
     """Penalised Lasso (scikit-learn, coordinate descent) at alpha has some L1 norm t; the

@@ -68,21 +68,28 @@ class TensorForest:
         """Class probabilities ``[N, n_classes]`` of features ``x [N, m]`` (cast to float32)."""
         x = x.to(device=self.feature.device, dtype=torch.float32)
         n = x.shape[0]
-        t = self.n_trees
-        k = self.feature.shape[1]
-        # flat node index per (sample, tree): tree offset + node
-        offset = (torch.arange(t, device=x.device) * k)[None, :]
-        feat, thr = self.feature.reshape(-1), self.threshold.reshape(-1)
-        left, right = self.left.reshape(-1), self.right.reshape(-1)
-        node = torch.zeros(n, t, dtype=torch.int64, device=x.device)
-        for _ in range(self.max_depth):
-            flat = node + offset
-            f = feat[flat]                                   # [N, T]
-            xv = x.gather(1, f)
-            go_left = xv <= thr[flat]
-            node = torch.where(go_left, left[flat], right[flat])
-        vals = self.value.reshape(t * k, -1)[node + offset]  # [N, T, n_classes]
-        return vals.mean(1)
+        t, k = self.feature.shape
+        flat = self._flat()
+        # node: global index tree * k + node, per (sample, tree); children stored globally too
+        node = (torch.arange(t, device=x.device) * k)[None, :].expand(n, t).contiguous()
+        for level in range(self.max_depth):
+            go_right = x.gather(1, flat["feature"][node]) > flat["threshold"][node]
+            node = flat["children"][node * 2 + go_right]
+            if level % 4 == 3 and bool(flat["leaf"][node].all()):
+                break
+        return flat["value"][node].mean(1)
+
+    def _flat(self) -> Dict[str, torch.Tensor]:
+        cache = getattr(self, "_flat_cache", None)
+        if cache is None or cache["feature"].device != self.feature.device:
+            t, k = self.feature.shape
+            base = (torch.arange(t, device=self.feature.device) * k)[:, None]
+            children = torch.stack([self.left + base, self.right + base], -1).reshape(-1)
+            cache = {"feature": self.feature.reshape(-1), "threshold": self.threshold.reshape(-1),
+                     "children": children, "leaf": (self.left == torch.arange(k, device=self.left.device)).reshape(-1),
+                     "value": self.value.reshape(t * k, -1)}
+            self._flat_cache = cache
+        return cache
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {"feature": self.feature.cpu(), "threshold": self.threshold.cpu(), "left": self.left.cpu(),

@@ -18,8 +18,10 @@ as used for mu-Lasso by van den Berg & Friedlander (2008, SPGL1):
   closed form from ``X d`` (or ``G d``): one matrix product per iteration.
 
 Two evaluation modes with the same iterates: ``"gram"`` precomputes ``G = X^T X`` and
-``B = X^T Y`` (cost m^2 N once, then m^2 C per iteration; best when N > m) and ``"direct"``
-works with X (2 N m C per iteration). ``mode="auto"`` picks the cheaper for the iteration cap.
+``B = X^T Y`` (cost m^2 N once, then m^2 C per iteration) and ``"direct"`` works with X
+(2 N m C per iteration). ``mode="auto"`` starts direct and switches to the Gram form once the
+iterations run would have paid for building G (ski rental: never more than ~2x the cost of the
+better fixed choice; easy problems that converge in a few dozen iterations never build G).
 """
 from __future__ import annotations
 
@@ -95,6 +97,39 @@ def _check_mu(mu, c: int, dtype, device) -> torch.Tensor:
     return t.expand(c).clone()
 
 
+class _Ops:
+    """The products the solver needs, in the direct form (with X) or the Gram form (G = X^T X)."""
+
+    def __init__(self, X: torch.Tensor, Yt: torch.Tensor):
+        self.X, self.Yt = X, Yt
+        self.yy = (Yt * Yt).sum(1)                           # ||y_j||^2
+        self.gram = False
+        self.Xt = X.T.contiguous()                           # [m, N]
+
+    def to_gram(self):
+        if not self.gram:
+            self.G = self.X.T @ self.X                       # [m, m], symmetric
+            self.Bt = self.Yt @ self.X                       # [C, m] = (X^T Y)^T
+            self.gram = True
+
+    def to_direct(self):
+        self.gram = False
+
+    def apply(self, Dt):                                     # Gram: Dt G; direct: (X D)^T
+        return Dt @ self.G if self.gram else Dt @ self.Xt
+
+    def grad(self, Qt):
+        return 2 * (Qt - self.Bt) if self.gram else 2 * ((Qt - self.Yt) @ self.X)
+
+    def fval(self, Wt, Qt):
+        if self.gram:
+            return (Wt * Qt).sum(1) - 2 * (Wt * self.Bt).sum(1) + self.yy
+        return ((Qt - self.Yt) ** 2).sum(1)
+
+    def curv(self, Dt, DQt):
+        return (Dt * DQt).sum(1) if self.gram else (DQt * DQt).sum(1)
+
+
 def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol: float = 1e-6,
              memory: int = 10, mode: str = "auto", W0: Optional[torch.Tensor] = None,
              dtype: Optional[torch.dtype] = None) -> MuLassoResult:
@@ -160,42 +195,18 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
     c = Y.shape[1]
     mu_t = _check_mu(mu, c, dtype, X.device)
 
-    if mode == "auto":
-        est_iter = min(max_iter, 200)
-        mode = "gram" if m * m * n + est_iter * m * m * c < est_iter * 2 * n * m * c else "direct"
-
     # Rows are classes below (Wt [C, m]) so the projection sorts contiguous rows.
     Yt = Y.T.contiguous()                                    # [C, N]
-    yy = (Yt * Yt).sum(1)                                    # ||y_j||^2
+    ops = _Ops(X, Yt)
+    switch_at = None
     if mode == "gram":
-        G = X.T @ X                                          # [m, m], symmetric
-        Bt = Yt @ X                                          # [C, m] = (X^T Y)^T
-
-        def apply(Dt):                                       # Dt G  (= (G D)^T)
-            return Dt @ G
-
-        def grad(Qt):                                        # Qt = Wt G
-            return 2 * (Qt - Bt)
-
-        def fval(Wt, Qt):
-            return (Wt * Qt).sum(1) - 2 * (Wt * Bt).sum(1) + yy
-
-        def curv(Dt, DQt):
-            return (Dt * DQt).sum(1)
-    else:
-        Xt = X.T.contiguous()                                # [m, N]
-
-        def apply(Dt):                                       # (X D)^T = Dt X^T
-            return Dt @ Xt
-
-        def grad(Qt):                                        # Qt = (X W)^T
-            return 2 * ((Qt - Yt) @ X)
-
-        def fval(Wt, Qt):
-            return ((Qt - Yt) ** 2).sum(1)
-
-        def curv(Dt, DQt):
-            return (DQt * DQt).sum(1)
+        ops.to_gram()
+    elif mode == "auto":
+        # ski rental: iterate with X; once the iterations spent would have paid for G = X^T X
+        # (m^2 N) plus cheaper Gram iterations (m^2 C each, vs 2 N m C), build G and switch.
+        per_direct, per_gram = 2 * n * m * c, m * m * c
+        if per_gram < per_direct:
+            switch_at = max(1, int(math.ceil(m * m * n / (per_direct - per_gram))))
 
     if W0 is None:
         Wt = torch.zeros(c, m, dtype=dtype, device=X.device)
@@ -203,9 +214,9 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         if not isinstance(W0, torch.Tensor) or W0.shape != (m, c):
             raise ValueError(f"W0 must be a tensor [m, C] = [{m}, {c}], got {getattr(W0, 'shape', type(W0))}")
         Wt = _project_rows(W0.to(device=X.device, dtype=dtype).T.contiguous(), mu_t)
-    Qt = apply(Wt)
-    g = grad(Qt)
-    f = fval(Wt, Qt)
+    Qt = ops.apply(Wt)
+    g = ops.grad(Qt)
+    f = ops.fval(Wt, Qt)
 
     scale = max(1.0, float(g.abs().max()))
     alpha_min, alpha_max = 1e-10, 1e6 / scale
@@ -227,8 +238,8 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
             break
         Dt = _project_rows(Wt - alpha[:, None] * g, mu_t) - Wt
         gd = (g * Dt).sum(1)                                 # < 0 unless D = 0
-        DQt = apply(Dt)
-        dqd = curv(Dt, DQt)                                  # f(W + lam D) = f + lam gd + lam^2 dqd
+        DQt = ops.apply(Dt)
+        dqd = ops.curv(Dt, DQt)                                  # f(W + lam D) = f + lam gd + lam^2 dqd
         fref = hist.amax(0)
         lam = torch.ones_like(f)
         active = gd < 0
@@ -248,8 +259,8 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         St = lam[:, None] * Dt
         Wt = Wt + St
         Qt = Qt + lam[:, None] * DQt
-        g_new = grad(Qt)
-        f = fval(Wt, Qt)
+        g_new = ops.grad(Qt)
+        f = ops.fval(Wt, Qt)
         Yd = g_new - g
         g = g_new
         sts = (St * St).sum(1)
@@ -258,6 +269,9 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         alpha = torch.where(sty > 1e-12 * sts, sts / sty.clamp_min(1e-300), alpha)
         alpha = alpha.clamp(alpha_min, alpha_max)
         hist = torch.cat([hist[1:], f[None, :]], 0)
+        if switch_at is not None and it + 1 == switch_at:
+            ops.to_gram()
+            Qt = ops.apply(Wt)                               # same iterate, Gram representation
     W = Wt.T.contiguous()
     obj = ((X @ W - Y) ** 2).sum(0)                          # from the residual: no cancellation
     return MuLassoResult(W, obj, it, converged, gap)
