@@ -1,0 +1,235 @@
+"""Granda et al. Tables 1 and 3, reduced, on sklearn digits (28x28) and Fashion-MNIST.
+
+    python examples/detect_experiment.py                  # both data sets, default budget
+    python examples/detect_experiment.py --quick          # smoke run (digits, tiny)
+    python examples/detect_experiment.py --datasets digits --n-train 1000 --trees 100
+
+Per data set: train Papernot's MNIST net (``robustops.models.papernot_mnist``), attack a
+training subset and a test subset with the package's own attacks (explicit settings below),
+keep the successful adversarial examples, then
+
+* Table 1 (reduced): detection accuracy of ``RelevantNeuronDetector`` for mu in {10, 20, 100}
+  x variant {shared, clean, symdiff} x {with, without label}, and the number of selected
+  neurons per class;
+* Table 3 (reduced): ours at mu=10 / mu=20 (shared, with label) beside Feature Squeezing and
+  NIC (both fitted on clean training images only);
+* the sparsity of the selection at mu=10 under the two normalisations (``l2`` / ``sum_l2``).
+
+Detection accuracy is over the clean test images and the successful adversarial test images
+together (as ``evaluate_detector`` computes it). Everything is seeded; one CPU thread.
+Writes the tables (markdown) to stdout and all numbers to ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from robustops import data, models  # noqa: E402
+from robustops.attacks import CWL2, FGSM, JSMA  # noqa: E402
+from robustops.detect import (FeatureSqueezingDetector, NICDetector, RelevantNeuronDetector,  # noqa: E402
+                              evaluate_detector, extract, relevant_neurons)
+
+MUS = (100, 20, 10)
+VARIANTS = ("shared", "clean", "symdiff")
+
+
+def attacks(args):
+    """The attacks and their settings (explicit: the package's defaults may change)."""
+    return {
+        f"FGSM eps={args.eps_strong}": lambda m, x, y: FGSM(m, eps=args.eps_strong)(x, y),
+        f"FGSM eps={args.eps_weak}": lambda m, x, y: FGSM(m, eps=args.eps_weak)(x, y),
+        "JSMA theta=1 gamma=0.1 (T=(L+1) mod C)": lambda m, x, y: JSMA(m, theta=1.0, gamma=0.1, max_candidates=128)(
+            x, (y + 1) % 10),
+        f"CW-L2 targeted (T=(L+1) mod C) c=1 kappa=0 steps={args.cw_steps} lr=0.01 bss={args.cw_bss}":
+            lambda m, x, y: CWL2(m, c=1.0, kappa=0.0, steps=args.cw_steps, lr=0.01,
+                                 binary_search_steps=args.cw_bss, abort_early=True, targeted=True)(x, (y + 1) % 10),
+    }
+
+
+def load(name, args):
+    if name == "digits":
+        tr = data.load("digits", split="train", size=28)
+        te = data.load("digits", split="test", size=28)
+        xtr, ytr = data.as_tensors(tr)
+        xte, yte = data.as_tensors(te)
+        epochs = args.epochs_digits
+    else:
+        xtr, ytr = data.as_tensors(data.load(name, split="train", limit=args.n_model_train))
+        xte, yte = data.as_tensors(data.load(name, split="test", limit=4 * args.n_test))
+        epochs = args.epochs_fashion
+    return xtr, ytr, xte, yte, epochs
+
+
+def correct_subset(model, x, y, n, gen):
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    idx = ok.nonzero().flatten()
+    idx = idx[torch.randperm(idx.numel(), generator=gen)[:n]]
+    return x[idx], y[idx]
+
+
+def run_dataset(name, args, out):
+    t0 = time.perf_counter()
+    xtr, ytr, xte, yte, epochs = load(name, args)
+    torch.manual_seed(0)
+    model = models.papernot_mnist()
+    models.train(model, (xtr, ytr), epochs=epochs, optimizer="adam", lr=1e-3, seed=0, batch_size=64)
+    acc = models.evaluate(model, (xte, yte))[0]
+    gen = torch.Generator().manual_seed(1)
+    xa_tr, ya_tr = correct_subset(model, xtr, ytr, args.n_train, gen)
+    xa_te, ya_te = correct_subset(model, xte, yte, args.n_test, gen)
+    res = {"dataset": name, "model": "papernot_mnist", "epochs": epochs, "train_images": int(xtr.shape[0]),
+           "clean_test_accuracy": acc, "n_train": int(xa_tr.shape[0]), "n_test": int(xa_te.shape[0]),
+           "attacks": {}}
+    print(f"\n## {name}: papernot_mnist trained {epochs} epochs on {xtr.shape[0]} images, clean test accuracy "
+          f"{acc:.3f}; detector train/test: {xa_tr.shape[0]}/{xa_te.shape[0]} correctly classified images", flush=True)
+
+    # normalisation: sparsity of the clean selection at mu=10
+    norm = {}
+    for nz in ("l2", "sum_l2"):
+        e = extract(model, xa_tr, None, nz)
+        sets = relevant_neurons(e.features.double(), e.predictions, 10.0, 10, max_iter=1000, tol=1e-4)
+        m = e.features.shape[1]
+        norm[nz] = {"m": m, "mean_selected": sum(len(s) for s in sets) / 10,
+                    "fraction": sum(len(s) for s in sets) / (10 * m)}
+    res["normalize_mu10"] = norm
+    print(f"selection at mu=10 (clean, mean per class of m={norm['l2']['m']} neurons): "
+          + ", ".join(f"{k}: {v['mean_selected']:.1f} ({100 * v['fraction']:.1f}%)" for k, v in norm.items()))
+
+    t = time.perf_counter()
+    fs = FeatureSqueezingDetector(model, ("bit_depth_1", "median_2x2"), fpr=0.05).fit(xa_tr)
+    nic = NICDetector(model, nu=0.1, fpr=0.05, seed=0).fit(xa_tr)
+    res["baseline_fit_s"] = time.perf_counter() - t
+    clean_tr = extract(model, xa_tr, normalize=args.normalize)
+    clean_te = extract(model, xa_te, normalize=args.normalize)
+    for aname, atk in attacks(args).items():
+        if args.attacks and not any(aname.startswith(a) for a in args.attacks):
+            continue
+        t = time.perf_counter()
+        ntr = args.n_train if not aname.startswith("CW") else min(args.n_train, args.n_cw)
+        nte = args.n_test if not aname.startswith("CW") else min(args.n_test, args.n_cw)
+        adv_tr = atk(model, xa_tr[:ntr], ya_tr[:ntr])
+        adv_te = atk(model, xa_te[:nte], ya_te[:nte])
+        t_attack = time.perf_counter() - t
+        a_tr, a_te = extract(model, adv_tr, normalize=args.normalize), extract(model, adv_te, normalize=args.normalize)
+        ok_tr = a_tr.predictions != clean_tr.predictions[:ntr]
+        ok_te = a_te.predictions != clean_te.predictions[:nte]
+        ar = {"attack_s": t_attack, "success_train": float(ok_tr.float().mean()),
+              "success_test": float(ok_te.float().mean()), "n_adv_train": int(ok_tr.sum()),
+              "n_adv_test": int(ok_te.sum()), "ours": {}, "counts": {}}
+        print(f"\n### {name} / {aname}: success {ar['success_train']:.2f} train ({ar['n_adv_train']}), "
+              f"{ar['success_test']:.2f} test ({ar['n_adv_test']}); attacks took {t_attack:.0f} s", flush=True)
+        if ar["n_adv_train"] < 10 or ar["n_adv_test"] < 10:
+            print("too few successful adversarial examples: skipped")
+            res["attacks"][aname] = ar
+            continue
+        f_te = torch.cat([clean_te.features[:nte], a_te.features[ok_te]])
+        p_te = torch.cat([clean_te.predictions[:nte], a_te.predictions[ok_te]])
+        y_te = torch.cat([torch.zeros(nte), torch.ones(int(ok_te.sum()))]).bool()
+        t = time.perf_counter()
+        for mu in MUS:
+            shared_sets = None
+            for variant in VARIANTS:
+                for use_label in (True, False):
+                    det = RelevantNeuronDetector(model, mu=mu, variant=variant, use_label=use_label,
+                                                 n_estimators=args.trees, seed=0, normalize=args.normalize)
+                    key = f"mu={mu}|{variant}|{'label' if use_label else 'nolabel'}"
+                    try:
+                        det.fit_features(clean_tr.features[:ntr], clean_tr.predictions[:ntr], a_tr.features,
+                                         a_tr.predictions, 10, only_successful=True,
+                                         layer_sizes=clean_tr.sizes, sample_shape=clean_tr.sample_shape,
+                                         relevant=shared_sets)
+                        shared_sets = det.relevant
+                    except ValueError as e:                       # e.g. an empty shared set
+                        ar["ours"][key] = None
+                        print(f"{key}: {e}")
+                        continue
+                    pred = det.decide(det.score_features(f_te, p_te))
+                    ar["ours"][key] = float((pred == y_te).float().mean())
+                    if use_label:
+                        cnt = det.selected_count()
+                        ar["counts"][f"mu={mu}|{variant}"] = {"min": min(cnt), "max": max(cnt),
+                                                              "mean": sum(cnt) / len(cnt), "of": det.n_features_}
+        ar["ours_fit_s"] = time.perf_counter() - t
+        sub_te = adv_te[ok_te]
+        ar["FS"] = evaluate_detector(fs, xa_te[:nte], sub_te)
+        ar["NIC"] = evaluate_detector(nic, xa_te[:nte], sub_te)
+        res["attacks"][aname] = ar
+        print_table1(aname, ar)
+    res["total_s"] = time.perf_counter() - t0
+    out.append(res)
+    print_table3(name, res)
+
+
+def fmt(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def print_table1(aname, ar):
+    print("\n| selected neurons | with label mu=100 | mu=20 | mu=10 | w/o label mu=100 | mu=20 | mu=10 |")
+    print("|---|---|---|---|---|---|---|")
+    for v in VARIANTS:
+        row = [fmt(ar["ours"].get(f"mu={mu}|{v}|label")) for mu in MUS]
+        row += [fmt(ar["ours"].get(f"mu={mu}|{v}|nolabel")) for mu in MUS]
+        print(f"| {v} | " + " | ".join(row) + " |")
+    if not ar["counts"]:
+        return
+    print("\nneurons per class (min-max, mean) of " + str(next(iter(ar["counts"].values()))["of"]) + ": " + "; ".join(
+        f"{k}: {c['min']}-{c['max']} ({c['mean']:.1f})" for k, c in ar["counts"].items()))
+
+
+def print_table3(name, res):
+    print(f"\n### {name}: comparison (detection accuracy; FS/NIC threshold at 5% FPR on clean training images)")
+    print("| attack | ours mu=10 | ours mu=20 | NIC | Feature Squeezing |")
+    print("|---|---|---|---|---|")
+    for aname, ar in res["attacks"].items():
+        if "FS" not in ar:
+            continue
+        print(f"| {aname} | {fmt(ar['ours'].get('mu=10|shared|label'))} | {fmt(ar['ours'].get('mu=20|shared|label'))} | "
+              f"{ar['NIC']['accuracy']:.3f} | {ar['FS']['accuracy']:.3f} |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=["digits", "fashion-mnist"])
+    p.add_argument("--n-train", type=int, default=300, help="clean images attacked to train the detectors")
+    p.add_argument("--n-test", type=int, default=200, help="clean test images attacked to evaluate")
+    p.add_argument("--n-cw", type=int, default=100, help="cap on images per split for C&W (slow)")
+    p.add_argument("--n-model-train", type=int, default=10000, help="Fashion-MNIST images to train the net")
+    p.add_argument("--epochs-digits", type=int, default=10)
+    p.add_argument("--epochs-fashion", type=int, default=2)
+    p.add_argument("--trees", type=int, default=100)
+    p.add_argument("--eps-strong", type=float, default=0.3)
+    p.add_argument("--eps-weak", type=float, default=0.1)
+    p.add_argument("--cw-steps", type=int, default=50)
+    p.add_argument("--cw-bss", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--normalize", default="sum_l2", choices=("sum_l2", "l2"), help="feature normalisation of ours")
+    p.add_argument("--attacks", nargs="*", help="run only attacks whose name starts with these (e.g. FGSM JSMA)")
+    p.add_argument("--json", default="detect_experiment.json")
+    p.add_argument("--quick", action="store_true", help="digits only, 200/100 images, 30 trees, 10 epochs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.datasets, args.n_train, args.n_test, args.n_cw, args.trees = ["digits"], 200, 100, 60, 30
+        args.epochs_digits, args.cw_steps, args.cw_bss = 10, 30, 2
+    torch.set_num_threads(args.threads)
+    print(f"settings: {vars(args)}")
+    out = []
+    t = time.perf_counter()
+    for name in args.datasets:
+        run_dataset(name, args, out)
+    print(f"\ntotal {time.perf_counter() - t:.0f} s")
+    with open(args.json, "w") as f:
+        json.dump({"settings": vars(args), "results": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

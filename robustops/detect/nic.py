@@ -1,0 +1,204 @@
+"""NIC: network invariant checking (Ma et al., NDSS 2019, "NIC: Detecting Adversarial Samples
+with Neural Network Invariant Checking"), Sec. IV, fitted on clean images only.
+
+* **Value invariants** (VI): per layer, a one-class SVM on the layer's activations of clean
+  images. Wide layers are reduced first: a conv map is average-pooled to at most ``pool x pool``
+  per channel, then any layer with more than ``max_dims`` values is projected by PCA to
+  ``max_dims`` components (fitted on the clean images).
+* **Provenance invariants** (PI): per layer a linear probe (softmax regression, trained on the
+  clean images to predict the model's output class from the reduced activations); for each pair
+  of adjacent layers a one-class SVM on the concatenated probe probabilities ``[p_l, p_{l+1}]``.
+* **Combination**: every SVM's decision value ``d_k(x)`` (positive inside the clean region) is
+  standardised by its spread on the clean training images; the score is
+  ``max_k (-d_k(x) / s_k)`` (the most violated invariant) and the threshold is the ``1 - fpr``
+  quantile of the scores of held-out clean images (``calibration`` fraction, not used to fit the
+  SVMs).
+
+scikit-learn: ``OneClassSVM(kernel="rbf", gamma="scale", nu=nu)``, ``PCA``, ``LogisticRegression``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import as_logits, check_images
+from .._guard import frozen_model, model_device
+from .base import Detector, ShapeMismatchError
+from .features import ActivationRecorder, _iter_images, select_layers
+
+__all__ = ["NICDetector"]
+
+
+class _PCA:
+    """Exact PCA (torch SVD of the centred data, float64): ``transform(a) = (a - mean) @ V_k``."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def fit(self, a: np.ndarray) -> "_PCA":
+        t = torch.from_numpy(a)
+        self.mean_ = t.mean(0)
+        _, _, vh = torch.linalg.svd(t - self.mean_, full_matrices=False)
+        self.components_ = vh[: self.k].T.contiguous()
+        return self
+
+    def transform(self, a: np.ndarray) -> np.ndarray:
+        return ((torch.from_numpy(a) - self.mean_) @ self.components_).numpy()
+
+
+class _Probe:
+    """Linear probe: softmax regression ``z -> class`` (L2-regularised cross-entropy, full-batch
+    L-BFGS in torch, zero start: deterministic). ``predict_proba(z) -> [N, C]``."""
+
+    def __init__(self, num_classes: int, l2: float = 1e-3, max_iter: int = 100):
+        self.c, self.l2, self.max_iter = num_classes, l2, max_iter
+
+    def fit(self, z: np.ndarray, y: np.ndarray) -> "_Probe":
+        x = torch.from_numpy(z).double()
+        t = torch.from_numpy(y).long()
+        w = torch.zeros(x.shape[1], self.c, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(self.c, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1, max_iter=self.max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w + b, t) + self.l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        self.w, self.b = w.detach(), b.detach()
+        return self
+
+    def predict_proba(self, z: np.ndarray) -> np.ndarray:
+        return F.softmax(torch.from_numpy(z).double() @ self.w + self.b, 1).numpy()
+
+
+class NICDetector(Detector):
+    """NIC detector: ``NICDetector(model, layers=None, nu=0.1).fit(x_clean)``.
+
+    Args:
+        model: classifier returning logits; never modified.
+        layers: layers to check (default: every conv / linear layer, the logits layer included,
+            as NIC checks every layer's values).
+        nu: ``nu`` of each one-class SVM (upper bound on its training outlier fraction).
+        fpr: fraction of held-out clean images flagged (sets ``threshold_``).
+        pool: conv maps are average-pooled to at most ``pool x pool`` per channel.
+        max_dims: PCA components kept for layers wider than this.
+        calibration: fraction of the clean images held out for the threshold.
+        max_train: at most this many clean images train the SVMs (kernel SVMs scale ~N^2).
+        seed: PCA / split / probe seed.
+
+    ``fit(x_clean, x_adv=None)`` uses clean images only; ``score`` returns the most violated
+    invariant's standardised violation ``[N]``; ``predict`` is ``score > threshold_``.
+    """
+
+    def __init__(self, model: nn.Module, layers=None, nu: float = 0.1, fpr: float = 0.05, *, pool: int = 4,
+                 max_dims: int = 64, calibration: float = 0.2, max_train: int = 3000, seed: int = 0,
+                 batch_size: int = 512):
+        super().__init__(model, batch_size)
+        self.layer_names = [n for n, _ in select_layers(model, layers, include_last=True)]
+        for name, v, lo, hi in (("nu", nu, 0, 1), ("fpr", fpr, 0, 1), ("calibration", calibration, 0, 1)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
+                raise ValueError(f"{name} must be a number in ({lo}, {hi}), got {v!r}")
+        for name, v in (("pool", pool), ("max_dims", max_dims), ("max_train", max_train)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.nu, self.fpr, self.calibration = float(nu), float(fpr), float(calibration)
+        self.pool, self.max_dims, self.max_train, self.seed = pool, max_dims, max_train, seed
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        if out.dim() == 4 and (out.shape[2] > self.pool or out.shape[3] > self.pool):
+            out = F.adaptive_avg_pool2d(out, (min(self.pool, out.shape[2]), min(self.pool, out.shape[3])))
+        return out.flatten(1).float()
+
+    def _activations(self, x):
+        parts: List[List[torch.Tensor]] = [[] for _ in self.layer_names]
+        preds: List[torch.Tensor] = []
+        model = self.model
+        with frozen_model(model), torch.no_grad(), ActivationRecorder(model, self.layer_names, reduce=self._reduce) as rec:
+            dev = model_device(model)
+            for xb in _iter_images(x, self.batch_size, "x"):
+                check_images(xb, name="x")
+                if getattr(self, "sample_shape_", None) is not None and tuple(xb.shape[1:]) != self.sample_shape_:
+                    raise ShapeMismatchError(f"x holds images of shape {tuple(xb.shape[1:])}, expected {self.sample_shape_}")
+                self._last_shape = tuple(xb.shape[1:])
+                logits = as_logits(model(xb.to(dev)), xb.shape[0])
+                self._n_classes = logits.shape[1]
+                for i, n in enumerate(self.layer_names):
+                    parts[i].append(rec.features[n].cpu())
+                preds.append(logits.argmax(1).cpu())
+        return [torch.cat(p).numpy().astype(np.float64) for p in parts], torch.cat(preds).numpy()
+
+    def fit(self, x_clean, x_adv=None) -> "NICDetector":
+        """Fit PCA, probes and one-class SVMs on clean images; calibrate the threshold."""
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import OneClassSVM
+
+        self.sample_shape_ = None
+        acts, preds = self._activations(x_clean)
+        self.sample_shape_ = self._last_shape
+        n = acts[0].shape[0]
+        rng = np.random.default_rng(self.seed)
+        perm = rng.permutation(n)
+        n_cal = max(1, int(round(self.calibration * n)))
+        if n - n_cal < 10:
+            raise ValueError(f"NIC needs at least ~10 clean training images besides the calibration split, got {n}")
+        cal, tr = perm[:n_cal], perm[n_cal:][: self.max_train]
+        self.reducers_, self.probes_, self.vi_, self.pi_ = [], [], [], []
+        reduced_tr, reduced_cal = [], []
+        for a in acts:
+            steps = [StandardScaler().fit(a[tr])]
+            z = steps[0].transform(a[tr])
+            if z.shape[1] > self.max_dims:
+                pca = _PCA(self.max_dims).fit(z)
+                steps.append(pca)
+                z = pca.transform(z)
+            self.reducers_.append(steps)
+            reduced_tr.append(z)
+            reduced_cal.append(self._apply(steps, a[cal]))
+        self.num_classes_ = int(self._n_classes)
+        for z in reduced_tr:
+            self.vi_.append(OneClassSVM(kernel="rbf", gamma="scale", nu=self.nu).fit(z))
+            self.probes_.append(_Probe(self.num_classes_).fit(z, preds[tr]))
+        prov_tr = [self._probe(p, z) for p, z in zip(self.probes_, reduced_tr)]
+        for i in range(len(prov_tr) - 1):
+            self.pi_.append(OneClassSVM(kernel="rbf", gamma="scale", nu=self.nu).fit(
+                np.hstack([prov_tr[i], prov_tr[i + 1]])))
+        # standardise each SVM's decision values on the training images
+        d_tr = self._decisions(reduced_tr)
+        self.scale_ = np.maximum(d_tr.std(0), 1e-12)
+        s_cal = self._combine(self._decisions(reduced_cal))
+        self.threshold_ = float(np.quantile(s_cal, 1 - self.fpr))
+        self._fitted = True
+        return self
+
+    @staticmethod
+    def _apply(steps, a: np.ndarray) -> np.ndarray:
+        for s in steps:
+            a = s.transform(a)
+        return a
+
+    def _probe(self, probe, z: np.ndarray) -> np.ndarray:
+        return probe.predict_proba(z)
+
+    def _decisions(self, reduced: List[np.ndarray]) -> np.ndarray:
+        cols = [vi.decision_function(z) for vi, z in zip(self.vi_, reduced)]
+        prov = [self._probe(p, z) for p, z in zip(self.probes_, reduced)]
+        cols += [pi.decision_function(np.hstack([prov[i], prov[i + 1]])) for i, pi in enumerate(self.pi_)]
+        return np.stack(cols, 1)
+
+    def _combine(self, d: np.ndarray) -> np.ndarray:
+        return (-d / self.scale_).max(1)
+
+    def score(self, x) -> torch.Tensor:
+        """Standardised violation of the most violated invariant ``[N]`` (float64, CPU)."""
+        self._check_fitted("score")
+        acts, _ = self._activations(x)
+        reduced = [self._apply(steps, a) for steps, a in zip(self.reducers_, acts)]
+        return torch.from_numpy(self._combine(self._decisions(reduced)))
