@@ -71,6 +71,8 @@ def _common(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--eps", type=float, default=None, help="L-inf budget of PGD / AutoAttack / filter (pixels in [0, 1])")
     g.add_argument("--limit", type=int, default=None, help="number of evaluation images (default: all of digits' 450)")
     g.add_argument("--train-limit", type=int, default=None, help="number of training images")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars even on a terminal")
     g.add_argument("--debug", action="store_true", help="show the traceback of any error")
     if command == "report":
@@ -134,6 +136,14 @@ def _info(args) -> int:
 def _run(args) -> int:
     from .report import _shard, generate
 
+    if args.threads is not None:
+        from .report import UsageError
+
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     section = _COMMANDS[args.command][0]
     sections = [section] if section else getattr(args, "sections", None)
     main_rank = _shard.is_main()
