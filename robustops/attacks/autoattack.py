@@ -233,12 +233,15 @@ class AutoAttack:
                  "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"],
                  "rand": ["apgd-ce", "apgd-dlr"],
                  "fast": ["apgd-ce", "apgd-t"]}
+        self._auto_targets = set()  # attacks built here: target count capped at C - 1 at run time
         if attacks is None:
+            self._auto_targets = set(order[self.version])
             return [(n, self._named(n)) for n in order[self.version]]
         out = []
         for a in attacks:
             if isinstance(a, str):
                 out.append((a, self._named(a)))
+                self._auto_targets.add(a)
             elif isinstance(a, (APGD, FAB, Square)):
                 if a.model is not self.model:
                     raise ValueError(f"attack {a.name!r} was built for another model")
@@ -256,7 +259,11 @@ class AutoAttack:
         return [n for n, _ in self.attacks]
 
     def _fingerprint(self) -> dict:
-        return {"norm": self.norm, "eps": self.eps, "version": self.version, "attacks": self.attack_names,
+        keys = ("steps", "n_restarts", "loss", "rho", "eot_iter", "n_target_classes", "fab_targeted", "n_queries",
+                "p_init", "alpha_max", "eta", "beta", "norm", "eps", "seed")
+        attacks = [{"name": n, **{k: ("auto" if k == "n_target_classes" and n in self._auto_targets else getattr(a, k))
+                                  for k in keys if hasattr(a, k)}} for n, a in self.attacks]
+        return {"norm": self.norm, "eps": self.eps, "version": self.version, "attacks": attacks,
                 "seed": self.seed, "lo": self.lo, "hi": self.hi, "batch_size": self.batch_size}
 
     def __repr__(self) -> str:
@@ -313,6 +320,10 @@ class AutoAttack:
                 break
             t0 = time.perf_counter()
             atk.num_classes = logits.shape[1]
+            if name in self._auto_targets and hasattr(atk, "n_target_classes"):
+                # the standard 9 targets, or every other class when the model has fewer than 10
+                atk.n_target_classes = min(3 if (self.version == "fast" and name == "apgd-t") else 9,
+                                           logits.shape[1] - 1)
             if hasattr(atk, "_check_classes"):
                 atk._check_classes(logits.shape[1])
             s = chunk_seed(self.seed if atk.seed is None else atk.seed, ci)
@@ -473,12 +484,18 @@ class AutoAttack:
     # ---- results, flags, checkpoints -------------------------------------------------------
     def _finish(self, codes: torch.Tensor, stats: dict, times: dict) -> AutoAttackResult:
         if dist.world()[1] > 1:
-            keys = sorted(set(stats) | set(times))
-            vec = torch.tensor([float(stats.get(k, 0.0)) for k in keys] + [float(times.get(k, 0.0)) for k in keys],
+            # the same key list on every rank (a rank may have seen no event of some kind)
+            names = self.attack_names
+            skeys = ["checked", "prob_chunks", "chunks", "nondeterministic", "zero_grad", "correct_checked",
+                     "large_eps_robust"] + [p + n for n in names for p in ("invalid_", "zero_grad_")]
+            tkeys = ["clean", "checks", "large_eps", "total"] + names
+            vec = torch.tensor([float(stats.get(k, 0.0)) for k in skeys] + [float(times.get(k, 0.0)) for k in tkeys],
                                dtype=torch.float64)
-            vec = dist.all_reduce_sum(vec)
-            stats = {k: vec[i].item() for i, k in enumerate(keys) if k in stats}
-            times = {k: vec[len(keys) + i].item() for i, k in enumerate(keys) if k in times}
+            present = torch.tensor([float(k in stats) for k in skeys] + [float(k in times) for k in tkeys],
+                                   dtype=torch.float64)
+            vec, present = dist.all_reduce_sum(vec), dist.all_reduce_sum(present)
+            stats = {k: vec[i].item() for i, k in enumerate(skeys) if present[i] > 0}
+            times = {k: vec[len(skeys) + i].item() for i, k in enumerate(tkeys) if present[len(skeys) + i] > 0}
         n = codes.numel()
         names = self.attack_names
         correct = codes != _CODE_CLEAN

@@ -186,8 +186,8 @@ class Square(Attack):
         dev, dt = x.device, x.dtype
         view = (-1, 1, 1, 1)
         delta0 = torch.zeros_like(x)
-        s = h // 5
-        sp = (h - s * 5) // 2
+        s = max(h // 5, 1)  # the authors' grid of 5x5 blocks (1-pixel blocks below 5x5 images)
+        sp = max((h - s * 5) // 2, 0)
         vh = sp
         for _ in range(h // s):
             vw = sp
