@@ -24,6 +24,9 @@ $(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(shell find csrc -type f 2
 	@# Peer library for the equality tests only (its torchvision dependency would pull a CUDA torch,
 	@# so --no-deps); best effort: those tests skip when it is absent.
 	-$(PIP) install -q --no-deps torchattacks==3.5.1 || echo "torchattacks not installed: its tests will be skipped"
+	@# The authors' AutoAttack code (fra31/auto-attack, packaged on PyPI) for the AutoAttack comparison tests
+	@# and benchmark; best effort: those tests skip when it is absent.
+	-$(PIP) install -q --no-deps pyautoattack==0.2.0 || echo "pyautoattack not installed: its tests will be skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)
