@@ -370,7 +370,7 @@ def test_two_cpu_ranks_match_one_process(tmp_path, digits_model):
     torch.save({"state": model.state_dict(), "x": x[:24], "y": y[:24]}, tmp_path / "case.pt")
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(f"""
-        import torch
+        import torch, torch.distributed
         from robustops import models, _distributed as rd
         from robustops.attacks import AutoAttack
         torch.set_num_threads(1)
@@ -383,6 +383,8 @@ def test_two_cpu_ranks_match_one_process(tmp_path, digits_model):
         if rd.is_main():
             torch.save({{"codes": r1.broken_by, "codes2": r2.broken_by, "xa": xa}}, {str(tmp_path / 'out.pt')!r})
             print("OK", rd.world())
+        rd.barrier()
+        torch.distributed.destroy_process_group()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", str(script)]

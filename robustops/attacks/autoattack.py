@@ -377,6 +377,9 @@ class AutoAttack:
         check_images(x, self.lo, self.hi)
         y = check_labels(y, x.shape[0])
         n = x.shape[0]
+        if n == 0:
+            from .._checks import EmptyDataError
+            raise EmptyDataError("x holds no example")
         chunks = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
         rank, world = dist.world()
         c0, c1 = dist.shard_range(len(chunks)) if world > 1 else (0, len(chunks))
