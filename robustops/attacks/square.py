@@ -132,7 +132,8 @@ class Square(Attack):
         return (high * torch.rand(size, generator=self.generator, device=device)).long()
 
     def _loop(self, x, y, x_best, margin, propose):
-        """The random-search loop shared by both norms: ``propose(i, xw, xbw) -> x_new``."""
+        """The random-search loop shared by both norms: ``propose(i, xw, xbw) -> x_new`` (``x`` holds
+        per-point data the proposal needs, compacted with the working batch)."""
         n = x.shape[0]
         queries = torch.ones(n, dtype=torch.long, device=x.device)
         out = x_best.clone()
@@ -147,7 +148,7 @@ class Square(Attack):
             queries[idx] += 1
             better = m_new < mw
             mw = torch.where(better, m_new, mw)
-            xbw = torch.where(better.reshape(-1, 1, 1, 1), x_new, xbw)
+            xbw = torch.where(better.reshape((-1,) + (1,) * (xbw.dim() - 1)), x_new, xbw)
             fooled = mw <= 0
             if bool(fooled.any()):
                 out[idx[fooled]] = xbw[fooled]
@@ -162,23 +163,42 @@ class Square(Attack):
         x_best = (x + eps * self._sign((n, c, 1, w), x)).clamp(lo, hi)
         margin = _margin(self.logits(x_best), y)
         n_features = c * h * w
+        # inside a window the proposal is x_best + 2 eps sign projected on the ball = clamp(x + eps sign):
+        # two precomputed images per point, [n, 2, c, h, w] (index 0: -eps, 1: +eps)
+        x_pm = torch.stack(((x - eps).clamp(lo, hi), (x + eps).clamp(lo, hi)), 1)
+        tables = {}
         rows_h = torch.arange(h, device=x.device)
         rows_w = torch.arange(w, device=x.device)
+
+        def window_masks(s):
+            """Boolean masks of every window position for side ``s``: ``[Ph * Pw, 1, h, w]``."""
+            if s not in tables:
+                ph, pw = max(h - s, 1), max(w - s, 1)
+                m = torch.zeros(ph, pw, 1, h, w, dtype=torch.bool, device=x.device)
+                for a in range(ph):
+                    for b in range(pw):
+                        m[a, b, :, a:a + s, b:b + s] = True
+                tables[s] = (m.reshape(ph * pw, 1, h, w), ph, pw)
+            return tables[s]
 
         def propose(i, xw, xbw):
             W = xw.shape[0]
             p = p_selection(self.p_init, i, self.n_queries, self.rescale_schedule)
             s = min(max(int(round(math.sqrt(p * n_features / c))), 1), min(h, w))
-            vh = self._randint(h - s, (W,), x.device)
-            vw = self._randint(w - s, (W,), x.device)
-            mh = (rows_h[None, :] >= vh[:, None]) & (rows_h[None, :] < vh[:, None] + s)
-            mw_ = (rows_w[None, :] >= vw[:, None]) & (rows_w[None, :] < vw[:, None] + s)
-            mask = (mh[:, :, None] & mw_[:, None, :])[:, None]            # [W, 1, h, w]
-            # inside the window: x_best + 2 eps sign projected on the ball = x + eps sign
-            win = (xw + eps * self._sign((W, c, 1, 1), xw)).clamp(lo, hi)
-            return torch.where(mask, win, xbw)
+            # one draw per point: window corner (as long((h - s) * U), the authors' random_int) and signs
+            u = torch.rand(W, 2 + c, generator=self.generator, device=x.device)
+            vh, vw = (u[:, 0] * (h - s)).long(), (u[:, 1] * (w - s)).long()
+            plus = (u[:, 2:] > 0.5).reshape(W, c, 1, 1)
+            if max(h - s, 1) * max(w - s, 1) * h * w <= 4_000_000:  # small images: a table lookup
+                table, ph, pw = window_masks(s)
+                mask = table[vh * pw + vw]
+            else:
+                mh = (rows_h[None, :] >= vh[:, None]) & (rows_h[None, :] < vh[:, None] + s)
+                mw = (rows_w[None, :] >= vw[:, None]) & (rows_w[None, :] < vw[:, None] + s)
+                mask = (mh[:, :, None] & mw[:, None, :])[:, None]
+            return torch.where(mask, torch.where(plus, xw[:, 1], xw[:, 0]), xbw)
 
-        return self._loop(x, y, x_best, margin, propose)
+        return self._loop(x_pm, y, x_best, margin, propose)
 
     def _run_l2(self, x, y):
         n, c, h, w = x.shape
