@@ -435,3 +435,23 @@ def test_bad_input(digits_model):
         AutoAttack(Tupled(model), eps=0.1)(x[:4], y[:4])
     with pytest.raises(ValueError):
         AutoAttack(model, eps=0.1)(x[:4] + 2, y[:4])
+
+
+def test_versions_use_the_authors_settings():
+    model = Linear(C=10)
+    std = AutoAttack(model, version="standard")
+    assert std.attack_names == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    a = dict(std.attacks)
+    assert (a["apgd-ce"].steps, a["apgd-ce"].n_restarts, a["apgd-ce"].loss, a["apgd-ce"].rho) == (100, 1, "ce", 0.75)
+    assert (a["apgd-t"].steps, a["apgd-t"].n_target_classes) == (100, 9)
+    assert (a["fab-t"].steps, a["fab-t"].n_target_classes, a["fab-t"].fab_targeted) == (100, 9, True)
+    assert (a["square"].n_queries, a["square"].p_init) == (5000, 0.8)
+    plus = dict(AutoAttack(model, version="plus").attacks)
+    assert list(plus) == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+    assert plus["apgd-ce"].n_restarts == 5 and plus["fab"].n_restarts == 5 and not plus["fab"].fab_targeted
+    rand = dict(AutoAttack(model, version="rand").attacks)
+    assert list(rand) == ["apgd-ce", "apgd-dlr"] and rand["apgd-ce"].eot_iter == 20
+    fast = AutoAttack(model, version="fast")
+    assert fast.attack_names == ["apgd-ce", "apgd-t"] and dict(fast.attacks)["apgd-t"].n_target_classes == 3
+    with pytest.raises(ValueError, match="custom list"):
+        AutoAttack(model, version="plus", attacks=["apgd-ce"])
