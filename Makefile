@@ -27,6 +27,9 @@ $(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(shell find csrc -type f 2
 	@# robustops.xai: the [xai] extra (UMAP, plots), then its test peers (best effort, --no-deps: see pyproject)
 	-$(PIP) install -q umap-learn matplotlib || echo "umap-learn not installed: the UMAP test will be skipped"
 	-$(PIP) install -q --no-deps --ignore-requires-python zennit==1.0.0 grad-cam==1.5.7 ttach opencv-python-headless || echo "xai peers not installed: their tests will be skipped"
+	@# The authors' AutoAttack code (fra31/auto-attack, packaged on PyPI) for the AutoAttack comparison tests
+	@# and benchmark; best effort: those tests skip when it is absent.
+	-$(PIP) install -q --no-deps pyautoattack==0.2.0 || echo "pyautoattack not installed: its tests will be skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)

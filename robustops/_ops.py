@@ -477,3 +477,179 @@ def kernel_dropout_eval(
         base, delta, weight, channels, _pair(stride, "stride", 1), _pair(padding, "padding"),
         _pair(dilation, "dilation", 1), scale, shift, bool(relu), pk, ps)
 __all__ += ["kernel_dropout_eval"]
+
+
+# --------------------------------------------------------------------------------------------
+# apgd_step / fab_projection  (AutoAttack, issue #15: robustops.attacks.{apgd,fab})
+# --------------------------------------------------------------------------------------------
+_AA_NORMS = ("Linf", "L2")
+
+
+def _aa_norm(norm) -> str:
+    if norm not in _AA_NORMS:
+        raise ValueError(f"norm must be one of {_AA_NORMS}, got {norm!r}")
+    return norm
+
+
+def _aa_finite(v, name: str, minimum: float = None, maximum: float = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        rng = f" in [{minimum}, {maximum}]" if maximum is not None else (f" >= {minimum}" if minimum is not None else "")
+        raise ValueError(f"{name} must be finite{rng}, got {v}")
+    return v
+
+
+@torch.library.register_fake("robustops::apgd_step")
+def _apgd_step_fake(x, x_prev, x0, grad, step_size, eps, momentum, lo, hi, norm):
+    torch._check(x.shape == x_prev.shape and x.shape == x0.shape and x.shape == grad.shape,
+                 lambda: "apgd_step: x, x_prev, x0 and grad must have the same shape")
+    torch._check(step_size.dim() == 1 and step_size.shape[0] == x.shape[0],
+                 lambda: "apgd_step: step_size must be [N]")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("robustops::fab_projection")
+def _fab_projection_fake(points, w, b, lo, hi, norm):
+    torch._check(points.dim() == 2 and w.shape == points.shape, lambda: "fab_projection: points, w must be [B, D]")
+    torch._check(b.dim() == 1 and b.shape[0] == points.shape[0], lambda: "fab_projection: b must be [B]")
+    return torch.empty_like(points, memory_format=torch.contiguous_format)
+
+
+def apgd_step(x: torch.Tensor, x_prev: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor,
+              step_size, eps: float, momentum: float = 0.75, lo: float = 0.0, hi: float = 1.0,
+              norm: str = "Linf") -> torch.Tensor:
+    """APGD's projected momentum step (Croce & Hein 2020, Alg. 1), one fused pass.
+
+    ``z = P(x + step * s(grad))``, ``out = P(x + momentum * (z - x) + (1 - momentum) * (x - x_prev))``
+    with ``s = sign`` (Linf) or ``g / (||g||_2 + 1e-12)`` per sample (L2), and ``P`` the projection
+    onto the ``eps`` ball around ``x0`` followed by a clamp to ``[lo, hi]`` (the reference code's order).
+
+    Args:
+        x, x_prev, x0, grad: ``[N, ...]`` tensors of one floating dtype and device (current iterate,
+            previous iterate, clean point, loss gradient at ``x``); pixel space ``[lo, hi]``.
+        step_size: number or ``[N]`` tensor of per-sample step sizes (finite, >= 0).
+        eps: ball radius (finite, >= 0); momentum in ``[0, 1]`` (1 = no momentum, the first step).
+        norm: ``"Linf"`` or ``"L2"``.
+
+    Returns: ``[N, ...]`` contiguous. Raises ``TypeError``/``ValueError`` naming a bad argument.
+    Reference: :func:`robustops.ops.apgd_step_reference` (eager PyTorch).
+    """
+    norm = _aa_norm(norm)
+    for name, t in (("x", x), ("x_prev", x_prev), ("x0", x0), ("grad", grad)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension")
+    if isinstance(step_size, torch.Tensor):
+        step = step_size.detach().reshape(-1).to(device=x.device, dtype=x.dtype)
+        if step.numel() == 1:
+            step = step.expand(x.shape[0]).contiguous()
+        if step.numel() != x.shape[0]:
+            raise ValueError(f"step_size must hold one value per sample ({x.shape[0]}), got {step.numel()}")
+    else:
+        step = torch.full((x.shape[0],), _aa_finite(step_size, "step_size", 0.0), dtype=x.dtype, device=x.device)
+    eps = _aa_finite(eps, "eps", 0.0)
+    momentum = _aa_finite(momentum, "momentum", 0.0, 1.0)
+    lo, hi = _aa_finite(lo, "lo"), _aa_finite(hi, "hi")
+    if lo > hi:
+        raise ValueError(f"need lo <= hi, got lo={lo}, hi={hi}")
+    return torch.ops.robustops.apgd_step(x, x_prev, x0, grad, step, eps, momentum, lo, hi, norm)
+
+
+def fab_projection(points: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lo: float = 0.0, hi: float = 1.0,
+                   norm: str = "Linf") -> torch.Tensor:
+    """FAB's minimal-norm step onto a hyperplane inside the box (Croce & Hein 2020, FAB, eq. 6-7).
+
+    For each row ``i``: ``d = argmin ||d||_p`` subject to ``<w_i, t_i + d> = b_i`` and
+    ``lo <= t_i + d <= hi`` (``p`` = inf or 2). When the hyperplane is out of reach inside the box,
+    every coordinate moves to the face that brings ``<w_i, t_i + d>`` closest to ``b_i``.
+
+    Args:
+        points: ``[B, D]`` points ``t`` inside ``[lo, hi]``; w: ``[B, D]`` hyperplane normals;
+            b: ``[B]`` offsets; one floating dtype and device; ``w`` and ``b`` finite.
+        norm: ``"Linf"`` or ``"L2"``.
+
+    Returns: ``d`` of shape ``[B, D]``. Coordinates with ``w == 0`` (Linf) or ``|w| < 1e-8`` (L2)
+    are never moved. Reference: :func:`robustops.ops.fab_projection_reference`.
+    """
+    norm = _aa_norm(norm)
+    for name, t in (("points", points), ("w", w), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != points.dtype or not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point with the dtype of points ({points.dtype}), got {t.dtype}")
+        if t.device != points.device:
+            raise ValueError(f"{name} must be on the device of points ({points.device}), got {t.device}")
+    if points.dim() != 2 or w.shape != points.shape:
+        raise ValueError(f"points and w must both be [B, D], got {tuple(points.shape)} and {tuple(w.shape)}")
+    if b.shape != (points.shape[0],):
+        raise ValueError(f"b must be [B] = [{points.shape[0]}], got {tuple(b.shape)}")
+    lo, hi = _aa_finite(lo, "lo"), _aa_finite(hi, "hi")
+    if lo > hi:
+        raise ValueError(f"need lo <= hi, got lo={lo}, hi={hi}")
+    return torch.ops.robustops.fab_projection(points, w, b, lo, hi, norm)
+
+
+def apgd_step_reference(x, x_prev, x0, grad, step_size, eps, momentum=0.75, lo=0.0, hi=1.0, norm="Linf"):
+    """Eager-PyTorch reference of :func:`apgd_step` (the authors' formulas, op for op)."""
+    view = (-1,) + (1,) * (x.dim() - 1)
+    step = (step_size if isinstance(step_size, torch.Tensor) else torch.full((x.shape[0],), float(step_size)))
+    step = step.to(x.device, x.dtype).reshape(view)
+
+    def l2(t):
+        return t.reshape(t.shape[0], -1).norm(dim=1).reshape(view)
+
+    if norm == "Linf":
+        z = torch.clamp(torch.min(torch.max(x + step * grad.sign(), x0 - eps), x0 + eps), lo, hi)
+        v = x + (z - x) * momentum + (x - x_prev) * (1 - momentum)
+        return torch.clamp(torch.min(torch.max(v, x0 - eps), x0 + eps), lo, hi)
+    z = x + step * grad / (l2(grad) + 1e-12)
+    u = z - x0
+    z = torch.clamp(x0 + u / (l2(u) + 1e-12) * torch.clamp(l2(u), max=eps), lo, hi)
+    v = x + (z - x) * momentum + (x - x_prev) * (1 - momentum)
+    u = v - x0
+    return torch.clamp(x0 + u / (l2(u) + 1e-12) * torch.clamp(l2(u), max=eps), lo, hi)
+
+
+def fab_projection_reference(points, w, b, lo=0.0, hi=1.0, norm="Linf"):
+    """Eager-PyTorch reference of :func:`fab_projection`: sort the breakpoints, cumulative sums,
+    pick the linear piece of ``h(a) = sum_j u_j min(a, q_j)`` that reaches ``c`` (float64)."""
+    t, w, b = points.double(), w.double(), b.double()
+    c0 = (w * t).sum(1) - b
+    sgn = torch.where(c0 >= 0, 1.0, -1.0).to(t)
+    ws = w * sgn[:, None]
+    c = c0.abs()
+    active = ws != 0 if norm == "Linf" else ws.abs() >= 1e-8
+    dist = torch.where(ws > 0, t - lo, hi - t).clamp(min=0)
+    if norm == "Linf":
+        u, q = ws.abs(), dist
+    else:
+        u, q = ws * ws, dist / ws.abs().clamp(min=1e-300)
+    u = torch.where(active, u, torch.zeros_like(u))
+    q = torch.where(active, q, torch.full_like(q, float("inf")))
+    qs, idx = q.sort(1)
+    us = u.gather(1, idx)
+    suffix = us.flip(1).cumsum(1).flip(1)                      # sum of u over q >= q_(k)
+    below = torch.cat([torch.zeros_like(c)[:, None], (us * torch.where(torch.isinf(qs), 0.0, qs)).cumsum(1)[:, :-1]], 1)
+    cand = (c[:, None] - below) / suffix
+    ok = (cand <= qs) & (suffix > 0)
+    k = torch.where(ok.any(1), ok.float().argmax(1), torch.full_like(c, -1, dtype=torch.long))
+    a = torch.where(k >= 0, cand.gather(1, k.clamp(min=0)[:, None])[:, 0].clamp(min=0),
+                    torch.full_like(c, float("inf")))
+    qf = torch.where(active, q, torch.zeros_like(q))
+    step = torch.minimum(a[:, None], qf)
+    d = torch.where(ws > 0, -step, step) if norm == "Linf" else -ws * step
+    return torch.where(active, d, torch.zeros_like(d)).to(points.dtype)
+
+
+__all__ += ["apgd_step", "fab_projection", "apgd_step_reference", "fab_projection_reference"]

@@ -98,12 +98,40 @@ def smoke_kernel_dropout_eval(ops, dev):
     _close(out, ref, "kernel_dropout_eval")
 
 
+def smoke_apgd_step(ops, dev):
+    x0 = torch.rand(3, 2, 4, 4, device=dev, dtype=torch.float64)
+    x = (x0 + 0.05 * torch.randn_like(x0)).clamp(0, 1)
+    x_prev, g = x0.clone(), torch.randn_like(x0)
+    out = ops.apgd_step(x, x_prev, x0, g, 0.2, 0.1, 0.75, 0.0, 1.0, "Linf")
+
+    def proj(v):  # Linf ball of radius 0.1 around x0, then the box
+        return torch.clamp(torch.min(torch.max(v, x0 - 0.1), x0 + 0.1), 0, 1)
+
+    z = proj(x + 0.2 * g.sign())
+    ref = proj(x + 0.75 * (z - x) + 0.25 * (x - x_prev))
+    _close(out, ref, "apgd_step")
+
+
+def smoke_fab_projection(ops, dev):
+    t = torch.full((2, 6), 0.5, device=dev, dtype=torch.float64)
+    w = torch.tensor([[1.0, 1, 1, 1, 1, 1], [2.0, 0, 0, 0, 0, 0]], device=dev, dtype=torch.float64)
+    b = torch.tensor([3.6, 1.2], device=dev, dtype=torch.float64)
+    d = ops.fab_projection(t, w, b, 0.0, 1.0, "Linf")
+    # minimal Linf steps onto <w, t + d> = b: every coordinate +0.1 (row 0); one coordinate +0.1 (row 1)
+    ref = torch.zeros_like(t)
+    ref[0] = 0.1
+    ref[1, 0] = 0.1
+    _close(d, ref, "fab_projection")
+
+
 #: op -> smoke function (device) running it once against a reference. Add one with every new op.
 SMOKE = {
     "robustops::fgsm_step": smoke_fgsm_step,
     "robustops::compact_conv2d": smoke_compact_conv2d,  # + robustops::_compact_conv2d_backward
     "robustops::compact_linear": smoke_compact_linear,  # + robustops::_compact_linear_backward
     "robustops::kernel_dropout_eval": smoke_kernel_dropout_eval,
+    "robustops::apgd_step": smoke_apgd_step,
+    "robustops::fab_projection": smoke_fab_projection,
 }
 
 

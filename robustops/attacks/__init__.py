@@ -16,6 +16,10 @@ CWL2 / cw_l2               Carlini & Wagner 2017 (L2)                     x_adv 
 JSMA / jsma                Papernot et al. 2016 (targeted, pairs)         x_adv (.last_result)
 OnePixel / one_pixel       Su et al. 2019 (differential evolution)        x_adv (.last_result)
 substitute_attack          Papernot et al. 2017 black-box                 SubstituteResult
+APGD, APGDT                Croce & Hein 2020 (Auto-PGD, CE/DLR, targeted) x_adv (.last_success)
+FAB                        Croce & Hein 2020 (FAB / FAB-T)                x_adv (.last_distance)
+Square                     Andriushchenko et al. 2020 (score-based)       x_adv (.last_success)
+AutoAttack                 Croce & Hein 2020 (the four above, flags)      x_adv (.last_result)
 =========================  ============================================  =========================
 """
 from .base import Attack
@@ -39,3 +43,12 @@ __all__ = [
     "OnePixel", "OnePixelResult", "one_pixel",
     "SubstituteResult", "substitute_attack", "oracle_labels",
 ]
+
+# ---- AutoAttack (issue #15) ----
+from .apgd import APGD, APGDT  # noqa: E402
+from .autoattack import AutoAttack, AutoAttackFlag, AutoAttackResult, AutoAttackWarning  # noqa: E402
+from .fab import FAB  # noqa: E402
+from .square import Square  # noqa: E402
+
+__all__ += ["APGD", "APGDT", "FAB", "Square", "AutoAttack", "AutoAttackResult", "AutoAttackFlag",
+            "AutoAttackWarning"]
