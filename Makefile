@@ -10,7 +10,7 @@ CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_VERSION ?= 2.14.1
 STAMP  := $(VENV)/.robustops-built
 
-.PHONY: test demo setup build wheel sdist bench bench-quick cuda-check clean
+.PHONY: test demo report-check setup build wheel sdist bench bench-quick cuda-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,21 @@ build: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-demo: $(STAMP)
-	$(PY) -m robustops.cli demo
+# The [xai] extra (umap-learn, matplotlib) for the report's figures and UMAP, read from pyproject.toml.
+XAI_STAMP := $(VENV)/.robustops-xai
+$(XAI_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['xai']))")
+	touch $(XAI_STAMP)
+
+# The main job: the robustness report of the embedded default into report/ (index.html, PNGs, results.json).
+demo: $(XAI_STAMP)
+	$(PY) -m robustops.cli report --out report
+
+# Render report/index.html in headless Chromium (apt-get install chromium): every figure loaded,
+# every section present, screenshot report/screenshot.png. Runs `make demo` first when needed.
+report-check:
+	@test -f report/index.html || $(MAKE) demo
+	$(PY) scripts/report_check.py report
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -32,7 +32,7 @@ CSRC = os.path.join("csrc")
 _V = runpy.run_path(os.path.join(HERE, "robustops", "_version.py"))
 BASE_VERSION = _V["__version__"]
 # Runtime dependencies besides torch (torch's pin depends on the build, see _torch_requirement).
-DEPENDENCIES = ["numpy", "scipy", "scikit-learn"]
+DEPENDENCIES = ["numpy", "scipy", "scikit-learn", "tqdm"]  # tqdm: progress bars of the robustops CLI
 # An sdist is not compiled: no flavour label, no torch series pin.
 _COMPILING = {"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
 BUILDING_SDIST = "sdist" in sys.argv[1:] and not _COMPILING.intersection(sys.argv[1:])
