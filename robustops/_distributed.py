@@ -14,6 +14,7 @@ when the tensors live on CUDA), unless the caller initialised it already.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from typing import List, Tuple
 
@@ -34,7 +35,18 @@ def _maybe_init(device: torch.device = torch.device("cpu")) -> bool:
         return False
     backend = "nccl" if (device.type == "cuda" and dist.is_nccl_available()) else "gloo"
     dist.init_process_group(backend=backend)
+    atexit.register(_shutdown)  # a rank leaving without this can abort its peers in gloo
     return True
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def world() -> Tuple[int, int]:

@@ -44,3 +44,12 @@ else:
     settings.register_profile("ci", max_examples=75, derandomize=True, **_common)
     settings.register_profile("deep", max_examples=3000, **_common)
     settings.load_profile("ci")
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a torchrun rendezvous (fixed ports collide between runs)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

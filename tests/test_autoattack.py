@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import free_port
 import torch
 from torch import nn
 
@@ -387,7 +388,7 @@ def test_two_cpu_ranks_match_one_process(tmp_path, digits_model):
         torch.distributed.destroy_process_group()
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(HERE))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK (0, 2)" in r.stdout

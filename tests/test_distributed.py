@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import free_port
 import torch
 
 from robustops import _distributed as rd
@@ -38,7 +39,7 @@ def test_two_cpu_ranks_match_one_process(tmp_path):
             print("OK", rd.shard_range(n))
     """))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK (0, 6)" in r.stdout
