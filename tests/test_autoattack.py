@@ -456,3 +456,39 @@ def test_versions_use_the_authors_settings():
     assert fast.attack_names == ["apgd-ce", "apgd-t"] and dict(fast.attacks)["apgd-t"].n_target_classes == 3
     with pytest.raises(ValueError, match="custom list"):
         AutoAttack(model, version="plus", attacks=["apgd-ce"])
+
+
+def test_square_skipping_unchanged_proposals_keeps_the_search_path(monkeypatch):
+    """Square Linf queries the model only on rows whose proposal changed; forcing a query of every
+    row must give bit-identical examples, successes and query counts, with more rows forwarded."""
+    model, x, y, dmin = _linear_case("Linf")
+    eps = float(dmin.median())
+    counted = []
+
+    class Count(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, z):
+            counted.append(z.shape[0])
+            return self.m(z)
+
+    net = Count(model)
+    fast = Square(net, norm="Linf", eps=eps, n_queries=400, seed=0)
+    xa = fast(x, y)
+    rows_fast = sum(counted)
+    counted.clear()
+    orig = Square._loop
+
+    def no_skip(self, *a, skip_unchanged=False):
+        return orig(self, *a, skip_unchanged=False)
+
+    monkeypatch.setattr(Square, "_loop", no_skip)
+    slow = Square(net, norm="Linf", eps=eps, n_queries=400, seed=0)
+    xb = slow(x, y)
+    rows_slow = sum(counted)
+    assert torch.equal(xa, xb)
+    assert torch.equal(fast.last_success, slow.last_success)
+    assert torch.equal(fast.last_queries, slow.last_queries)
+    assert rows_fast < rows_slow
