@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from _timing import interleaved as _interleaved  # noqa: E402
 from robustops import data, models
 from robustops.attacks import FGSM
 from robustops.detect import RelevantNeuronDetector, mu_lasso
@@ -32,18 +33,6 @@ def _median(fn, reps):
         fn()
         ts.append(time.perf_counter() - t0)
     return sorted(ts)[len(ts) // 2]
-
-
-def _interleaved(fns: dict, reps: int) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def _rec(name, shape, impl, ref_name, med, ref):

@@ -20,20 +20,9 @@ import time
 
 import torch
 
+from _timing import interleaved as _interleaved  # noqa: E402
 from robustops import models, xai
 from robustops.xai._peers import import_gradcam, import_zennit, zennit_canonizers
-
-
-def _interleaved(fns: dict, reps: int) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def _record(name, shape, impl, ref_name, med, ref):
