@@ -117,9 +117,8 @@ def split_indices(split, num_kernels: int, layer_name: str = "layer", require_fr
     out-of-range or repeated indices and for a kernel in both sets; :class:`EmptySplitError` when
     S' (or, with ``require_fragile``, S) is empty."""
     from .errors import EmptySplitError
-    from .split import FragileSplit
 
-    if isinstance(split, FragileSplit):
+    if hasattr(split, "fragile") and hasattr(split, "null"):  # a FragileSplit (duck-typed: no import cycle)
         parts = (split.fragile, split.null)
     else:
         try:
