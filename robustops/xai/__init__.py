@@ -16,7 +16,8 @@ Details: ``docs/xai.md``.
 from . import canonizers, composites, rules
 from .canonizers import CompactAsLinear, MergeBatchNorm, ResidualSum, Sum, default_canonizers
 from .composites import COMPOSITES, Composite, get_composite, register_rule, unregister_rule
-from .core import ExplanationPair, explain_pair, lrp, lrp_signatures, relevance_sums
+from .core import lrp, lrp_signatures, relevance_sums
+from .pair import ExplanationPair, explain_pair
 from .embedding import project
 from .errors import LayerNotFoundError, MissingExtraError, SharedModuleError, UnsupportedLayerError
 from .gradcam import gradcam

@@ -63,7 +63,7 @@ def plot_heatmaps(maps, images=None, titles: Optional[Sequence[str]] = None, *, 
     Returns:
         a ``matplotlib.figure.Figure``.
     """
-    from .core import ExplanationPair
+    from .pair import ExplanationPair
 
     plt = _plt()
     rows = []
