@@ -115,6 +115,19 @@ def as_eps_tensor(eps: EpsLike, name: str = "eps") -> torch.Tensor:
     return t
 
 
+def _check_like_x(x, **others) -> None:
+    """``x`` and every named tensor in ``others``: tensors with x's shape, dtype and device."""
+    for name, t in (("x", x), *others.items()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.shape != x.shape:
+            raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
 def fgsm_step(
     x: torch.Tensor, grad: torch.Tensor, eps: EpsLike, lo: float = 0.0, hi: float = 1.0
 ) -> torch.Tensor:
@@ -130,16 +143,7 @@ def fgsm_step(
         Tensor of shape ``[K, *x.shape]`` (contiguous). ``sign(0) = 0`` as in ``torch.sign``.
         Not differentiable: it is the last step of an attack, not part of a training graph.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(grad, torch.Tensor):
-        raise TypeError(f"grad must be a torch.Tensor, got {type(grad).__name__}")
-    if x.shape != grad.shape:
-        raise ValueError(f"grad must have the shape of x {tuple(x.shape)}, got {tuple(grad.shape)}")
-    if x.dtype != grad.dtype:
-        raise TypeError(f"grad must have the dtype of x ({x.dtype}), got {grad.dtype}")
-    if x.device != grad.device:
-        raise ValueError(f"grad must be on the device of x ({x.device}), got {grad.device}")
+    _check_like_x(x, grad=grad)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     lo, hi = float(lo), float(hi)
@@ -537,15 +541,7 @@ def apgd_step(x: torch.Tensor, x_prev: torch.Tensor, x0: torch.Tensor, grad: tor
     Reference: :func:`robustops.ops.apgd_step_reference` (eager PyTorch).
     """
     norm = _aa_norm(norm)
-    for name, t in (("x", x), ("x_prev", x_prev), ("x0", x0), ("grad", grad)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.shape != x.shape:
-            raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    _check_like_x(x, x_prev=x_prev, x0=x0, grad=grad)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() < 1:
