@@ -92,7 +92,8 @@ def _time(fn, device, min_run_time):
         fn()
         _sync(device)
 
-    t = Timer("call()", globals={"call": call}, timer=_TIMER)
+    # Timer runs with ONE thread unless told otherwise: pass the process's count, or --threads is ignored
+    t = Timer("call()", globals={"call": call}, timer=_TIMER, num_threads=torch.get_num_threads())
     return t.blocked_autorange(min_run_time=min_run_time).median
 
 
