@@ -191,7 +191,7 @@ def normalize_features(parts: Sequence[torch.Tensor], normalize: str) -> torch.T
     return cat / torch.linalg.vector_norm(cat, dim=1, keepdim=True).clamp_min(_EPS)
 
 
-def neuron_features(model: nn.Module, x: torch.Tensor, layers=None, normalize: str = "sum_l2",
+def neuron_features(model: nn.Module, x: torch.Tensor, layers=None, normalize: str = "l2",
                     return_logits: bool = False):
     """Normalised neuron descriptors of one batch ``x [N, ...]`` (pixel space [0, 1]): ``[N, m]``
     (and the logits ``[N, C]`` when ``return_logits``), from one forward pass of the model under
@@ -211,7 +211,7 @@ class Extracted(NamedTuple):
     num_classes: int                # model outputs
 
 
-def extract(model: nn.Module, data, layers=None, normalize: str = "sum_l2", batch_size: int = 256,
+def extract(model: nn.Module, data, layers=None, normalize: str = "l2", batch_size: int = 256,
             name: str = "x", sample_shape: Optional[Tuple[int, ...]] = None):
     """Stream ``data`` (a tensor ``[N, ...]`` or an iterable of batches / ``(x, y)`` batches)
     through the model once: ``(features [N, m] float32 CPU, predictions [N] int64 CPU, layer

@@ -168,16 +168,16 @@ class TensorForest:
             raise ValueError(f"columns must be [F] with F >= {n_in} (the forest's inputs), got {tuple(columns.shape)}")
         raw = _RawArrays(self)
         if blocks is None:
-            groups = [_compile(raw, np.ones(columns.numel(), bool), columns.numpy(), max_cells, max_table_work, max_tree_cells)]
+            grouped = [_compile(raw, np.ones(columns.numel(), bool), columns.numpy(), max_cells, max_table_work, max_tree_cells)]
         else:
             blocks = torch.as_tensor(blocks, dtype=torch.int64).cpu()
             if blocks.shape != columns.shape:
                 raise ValueError(f"blocks must have the shape of columns {tuple(columns.shape)}, got {tuple(blocks.shape)}")
             g = int(blocks.max()) + 1 if num_groups is None and blocks.numel() else int(num_groups or 1)
             b = blocks.numpy()
-            groups = [_compile(raw, b == j, columns.numpy(), max_cells, max_table_work, max_tree_cells)
+            grouped = [_compile(raw, b == j, columns.numpy(), max_cells, max_table_work, max_tree_cells)
                       for j in range(g)]
-        return SpecializedForest(groups, self.n_trees, int(self.value.shape[-1]),
+        return SpecializedForest(grouped, self.n_trees, int(self.value.shape[-1]),
                                  int(columns.max()) + 1 if columns.numel() else 0, grouped=blocks is not None)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
@@ -298,7 +298,7 @@ def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells
     bin_map = used.size * raw.n_trees * (max([c.size for c in cuts], default=0) + 1)
     if tree_cells <= max_tree_cells and bin_map <= max_tree_cells:
         return _TreeTables(node, cols, cut, cuts)
-    return _Walk(node, cols)
+    return (node, cols)                                      # a walk, merged with the others
 
 
 def _leaf_boxes(node, rank: np.ndarray, dims: np.ndarray):
@@ -444,10 +444,11 @@ class _TreeTables:
         leaf, ltree, lo, hi = _leaf_boxes(node, cut["rank"], dims)
         n_cls = node["value"].shape[1]
         table = np.empty((int(cells.sum()), n_cls), np.float64)
+        split = dims > 1                                     # a tree's grid only spans the inputs it cuts
         for p in range(leaf.size):
             i = ltree[p]
-            view = table[offsets[i]:offsets[i] + cells[i]].reshape(tuple(dims[i]) + (n_cls,))
-            view[tuple(slice(a, b) for a, b in zip(lo[p], hi[p]))] = node["value"][leaf[p]]
+            view = table[offsets[i]:offsets[i] + cells[i]].reshape(tuple(dims[i][split[i]]) + (n_cls,))
+            view[tuple(slice(a, b) for a, b in zip(lo[p][split[i]], hi[p][split[i]]))] = node["value"][leaf[p]]
         # group bin b of input f (x in (gcuts_f[b-1], gcuts_f[b]]) -> bin in tree t: the number
         # of t's cuts on f of group rank < b; stored times the stride (plus the tree's offset)
         width = max(c.size for c in gcuts) + 1
@@ -478,31 +479,44 @@ class _TreeTables:
 
 
 class _Walk:
-    """Every tree for every sample, level by level (trees sorted by depth: at level L only the
-    first ``active[L]`` trees still descend)."""
+    """Every tree for every sample, level by level, for one or several groups at once (one set
+    of tensor ops per level whatever the number of groups). Trees are sorted by depth (the
+    deepest over the groups): at level L only the first ``active[L]`` trees still descend."""
 
-    def __init__(self, node, cols: torch.Tensor):
-        perm = np.argsort(-node["depth"], kind="stable")
+    def __init__(self, nodes: List[dict], cols: List[torch.Tensor]):
+        node_off = np.cumsum([0] + [nd["feature"].size for nd in nodes])
+        col_off = np.cumsum([0] + [c.numel() for c in cols])
+        threshold = np.concatenate([nd["threshold"] for nd in nodes])
+        value = np.concatenate([nd["value"] for nd in nodes])
+        feature = np.concatenate([nd["feature"] + o for nd, o in zip(nodes, col_off)])
+        left = np.concatenate([nd["left"] + o for nd, o in zip(nodes, node_off)])
+        right = np.concatenate([nd["right"] + o for nd, o in zip(nodes, node_off)])
+        roots = np.stack([nd["roots"] + o for nd, o in zip(nodes, node_off)])              # [G, T]
+        depth = np.stack([nd["depth"] for nd in nodes]).max(0)
+        perm = np.argsort(-depth, kind="stable")
         self.inverse = torch.from_numpy(np.argsort(perm))
-        self.roots = torch.from_numpy(2 * node["roots"][perm])
-        depth = node["depth"][perm]
+        self.roots = torch.from_numpy(np.ascontiguousarray(2 * roots[:, perm].T))          # [T, G], doubled ids
         self.active = [int((depth > level).sum()) for level in range(int(depth.max(initial=0)))]
-        self.depth = len(self.active)
         # doubled ids: node g lives at 2g and 2g+1; child[2g] = right, child[2g+1] = left
-        self.feature2 = torch.from_numpy(np.repeat(node["feature"], 2))
-        self.threshold2 = torch.from_numpy(np.repeat(node["threshold"], 2))
-        self.child2 = torch.from_numpy(np.stack([2 * node["right"], 2 * node["left"]], 1).reshape(-1))
-        self.value = torch.from_numpy(np.ascontiguousarray(node["value"].T))   # [C, nodes]
-        self.cols = cols
+        self.feature2 = torch.from_numpy(np.repeat(feature, 2))
+        self.threshold2 = torch.from_numpy(np.repeat(threshold, 2))
+        self.child2 = torch.from_numpy(np.stack([2 * right, 2 * left], 1).reshape(-1))
+        self.value = torch.from_numpy(np.ascontiguousarray(value.T))                       # [C, nodes]
+        self.cols = torch.cat(cols)
 
     def to(self, device) -> "_Walk":
         return _to(self, device)
 
-    def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int],
+                 which: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``which``: the walk group of each sample (default: all in the first)."""
         xt = _gather_inputs(x, self.cols, rows)              # [k, n]
         n = xt.shape[1]
-        t = self.roots.numel()
-        node = self.roots[:, None].repeat(1, n)              # a copy (written in place below)
+        t = self.roots.shape[0]
+        if which is None:
+            node = self.roots[:, :1].repeat(1, n)            # a copy (written in place below)
+        else:
+            node = self.roots.index_select(1, which)         # [T, n], a copy
         for ta in self.active:
             nd = node[:ta]
             flat = nd.reshape(-1)
@@ -514,25 +528,36 @@ class _Walk:
 
 
 class SpecializedForest:
-    """A :class:`TensorForest` compiled by :meth:`TensorForest.specialize`."""
+    """A :class:`TensorForest` compiled by :meth:`TensorForest.specialize`: per group a table,
+    per-tree tables, or a walk (all walking groups share one walk)."""
 
-    def __init__(self, groups, n_trees: int, n_classes: int, n_columns: int, grouped: bool):
-        self.groups = groups
+    def __init__(self, compiled: list, n_trees: int, n_classes: int, n_columns: int, grouped: bool):
         self.n_trees = n_trees
         self.n_classes = n_classes
         self.n_columns = n_columns
         self.grouped = grouped
         self.device = torch.device("cpu")
+        self.groups: list = []                               # per group: a table object, or None (walks)
+        self.walk_of = torch.full((len(compiled),), -1, dtype=torch.int64)
+        walks = [(j, c) for j, c in enumerate(compiled) if isinstance(c, tuple)]
+        for j, c in enumerate(compiled):
+            self.groups.append(None if isinstance(c, tuple) else c)
+        for i, (j, _) in enumerate(walks):
+            self.walk_of[j] = i
+        self.walk = _Walk([c[0] for _, c in walks], [c[1] for _, c in walks]) if walks else None
 
     def to(self, device) -> "SpecializedForest":
-        out = SpecializedForest([g.to(device) for g in self.groups], self.n_trees, self.n_classes, self.n_columns,
-                                self.grouped)
+        out = object.__new__(SpecializedForest)
+        out.__dict__.update(self.__dict__)
+        out.groups = [None if g is None else g.to(device) for g in self.groups]
+        out.walk = None if self.walk is None else self.walk.to(device)
+        out.walk_of = self.walk_of.to(device)
         out.device = torch.device(device)
         return out
 
     def kinds(self) -> List[str]:
         """How each group is evaluated: ``"table"``, ``"tree_tables"`` or ``"walk"``."""
-        return [{_Table: "table", _TreeTables: "tree_tables", _Walk: "walk"}[type(g)] for g in self.groups]
+        return ["walk" if g is None else {_Table: "table", _TreeTables: "tree_tables"}[type(g)] for g in self.groups]
 
     def predict_proba(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None,
                       column: Optional[int] = None) -> torch.Tensor:
@@ -545,21 +570,28 @@ class SpecializedForest:
         if column is not None and not 0 <= int(column) < self.n_classes:
             raise ValueError(f"column must lie in [0, {self.n_classes}), got {column}")
         if not self.grouped:
-            return self.groups[0](x, None, column)
+            g = self.groups[0]
+            return self.walk(x, None, column) if g is None else g(x, None, column)
         if groups is None or groups.shape != (x.shape[0],):
             raise ValueError(f"groups must be [N] = [{x.shape[0]}] for a grouped forest")
         groups = groups.to(self.device)
-        g = len(self.groups)
-        counts = torch.bincount(groups, minlength=g)
-        if counts.numel() > g:
-            raise ValueError(f"groups must lie in [0, {g})")
+        n_groups = len(self.groups)
+        counts = torch.bincount(groups, minlength=n_groups)
+        if counts.numel() > n_groups:
+            raise ValueError(f"groups must lie in [0, {n_groups})")
         shape = (x.shape[0],) if column is not None else (x.shape[0], self.n_classes)
         out = torch.empty(shape, dtype=torch.float64, device=self.device)
         order = torch.argsort(groups, stable=True)
-        start = 0
+        start, walking = 0, []
         for j, c in enumerate(counts.tolist()):
             if c:
                 rows = order[start:start + c]
-                out.index_copy_(0, rows, self.groups[j](x, rows, column))
                 start += c
+                if self.groups[j] is None:
+                    walking.append(rows)
+                else:
+                    out.index_copy_(0, rows, self.groups[j](x, rows, column))
+        if walking:
+            rows = torch.cat(walking)
+            out.index_copy_(0, rows, self.walk(x, rows, column, self.walk_of.index_select(0, groups[rows])))
         return out

@@ -112,7 +112,7 @@ class RelevantNeuronDetector(Detector):
     """
 
     def __init__(self, model: nn.Module, mu: float = 10, variant: str = "shared", use_label: bool = True,
-                 n_estimators: int = 1000, layers=None, normalize: str = "sum_l2", seed: Optional[int] = 0,
+                 n_estimators: int = 1000, layers=None, normalize: str = "l2", seed: Optional[int] = 0,
                  n_jobs: Optional[int] = None, batch_size: int = 512, solver_kw: Optional[dict] = None):
         super().__init__(model, batch_size)
         _check_mu(mu, 1, torch.float64, torch.device("cpu"))
