@@ -28,8 +28,8 @@ input with the float64 threshold as scikit-learn does (``x <= t``): the threshol
 the largest float32 ``<= t``, which decides every float32 ``x`` the same way. Leaf fractions are
 float64 and the trees' contributions are summed in tree order from zero (a sequential
 ``cumsum`` over trees, or sequential table accumulation), then divided by T, as scikit-learn's
-``out += tree.predict_proba(X)`` loop does. NaN inputs go right (scikit-learn's default for
-trees fitted without missing values).
+``out += tree.predict_proba(X)`` loop does. Inputs are expected finite (NaN routing is not
+scikit-learn's).
 """
 from __future__ import annotations
 
@@ -351,8 +351,8 @@ def _to(obj, device):
 
 def _gather_inputs(x: torch.Tensor, cols: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     """``x[rows][:, cols]`` transposed: ``[k, n]`` contiguous."""
-    v = x[:, cols] if rows is None else x[rows[:, None], cols[None, :]]
-    return v.t().contiguous()
+    v = x if rows is None else x.index_select(0, rows)
+    return v.index_select(1, cols).t().contiguous()
 
 
 def _tree_sum(values: torch.Tensor, index: torch.Tensor, t: int, n: int, column: Optional[int]) -> torch.Tensor:
@@ -480,26 +480,26 @@ class _TreeTables:
 
 class _Walk:
     """Every tree for every sample, level by level, for one or several groups at once (one set
-    of tensor ops per level whatever the number of groups). Trees are sorted by depth (the
-    deepest over the groups): at level L only the first ``active[L]`` trees still descend."""
+    of tensor ops per level whatever the number of groups). Pairs (tree, sample) that reached a
+    leaf are dropped from the work arrays every other level once they are a large share (most
+    paths end far above the deepest leaf)."""
 
     def __init__(self, nodes: List[dict], cols: List[torch.Tensor]):
         node_off = np.cumsum([0] + [nd["feature"].size for nd in nodes])
         col_off = np.cumsum([0] + [c.numel() for c in cols])
         threshold = np.concatenate([nd["threshold"] for nd in nodes])
         value = np.concatenate([nd["value"] for nd in nodes])
+        internal = np.concatenate([nd["internal"] for nd in nodes])
         feature = np.concatenate([nd["feature"] + o for nd, o in zip(nodes, col_off)])
         left = np.concatenate([nd["left"] + o for nd, o in zip(nodes, node_off)])
         right = np.concatenate([nd["right"] + o for nd, o in zip(nodes, node_off)])
         roots = np.stack([nd["roots"] + o for nd, o in zip(nodes, node_off)])              # [G, T]
-        depth = np.stack([nd["depth"] for nd in nodes]).max(0)
-        perm = np.argsort(-depth, kind="stable")
-        self.inverse = torch.from_numpy(np.argsort(perm))
-        self.roots = torch.from_numpy(np.ascontiguousarray(2 * roots[:, perm].T))          # [T, G], doubled ids
-        self.active = [int((depth > level).sum()) for level in range(int(depth.max(initial=0)))]
+        self.roots = torch.from_numpy(np.ascontiguousarray(2 * roots.T))                    # [T, G], doubled ids
+        self.depth = int(np.stack([nd["depth"] for nd in nodes]).max(initial=0))
         # doubled ids: node g lives at 2g and 2g+1; child[2g] = right, child[2g+1] = left
         self.feature2 = torch.from_numpy(np.repeat(feature, 2))
         self.threshold2 = torch.from_numpy(np.repeat(threshold, 2))
+        self.internal2 = torch.from_numpy(np.repeat(internal, 2))
         self.child2 = torch.from_numpy(np.stack([2 * right, 2 * left], 1).reshape(-1))
         self.value = torch.from_numpy(np.ascontiguousarray(value.T))                       # [C, nodes]
         self.cols = torch.cat(cols)
@@ -513,18 +513,36 @@ class _Walk:
         xt = _gather_inputs(x, self.cols, rows)              # [k, n]
         n = xt.shape[1]
         t = self.roots.shape[0]
+        xflat = xt.reshape(-1)
         if which is None:
-            node = self.roots[:, :1].repeat(1, n)            # a copy (written in place below)
+            node = self.roots[:, :1].expand(t, n).reshape(-1)   # pair p = tree * n + sample
         else:
-            node = self.roots.index_select(1, which)         # [T, n], a copy
-        for ta in self.active:
-            nd = node[:ta]
-            flat = nd.reshape(-1)
-            go_left = xt.gather(0, self.feature2.index_select(0, flat).view(ta, n)) \
-                <= self.threshold2.index_select(0, flat).view(ta, n)
-            node[:ta] = self.child2.index_select(0, (nd + go_left).reshape(-1)).view(ta, n)
-        leaf = node.index_select(0, self.inverse).reshape(-1) >> 1       # scikit-learn's tree order
-        return _tree_sum(self.value, leaf, t, n, column)
+            node = self.roots.index_select(1, which).reshape(-1)
+        col = torch.arange(n, device=node.device).repeat(t)
+        final, pair = None, None                             # leaves of the dropped pairs; kept pairs' ids
+        for level in range(self.depth):
+            f = self.feature2.index_select(0, node)
+            go_left = xflat.index_select(0, f * n + col) <= self.threshold2.index_select(0, node)
+            node = self.child2.index_select(0, node + go_left)
+            if level % 2 == 1 and level + 1 < self.depth:
+                live = self.internal2.index_select(0, node)
+                n_live = int(live.sum())
+                if n_live < 0.6 * node.numel():               # drop the finished pairs
+                    if final is None:
+                        final = node.clone()
+                    else:
+                        final.index_copy_(0, pair, node)
+                    if n_live == 0:
+                        node = None
+                        break
+                    keep = live.nonzero().squeeze(1)
+                    node, col = node.index_select(0, keep), col.index_select(0, keep)
+                    pair = keep if pair is None else pair.index_select(0, keep)
+        if final is None:
+            final = node
+        elif node is not None:
+            final.index_copy_(0, pair, node)
+        return _tree_sum(self.value, final >> 1, t, n, column)   # tree-major: scikit-learn's order
 
 
 class SpecializedForest:
