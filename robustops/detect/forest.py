@@ -5,23 +5,28 @@ leaf class fractions) into padded tensors ``[T, max_nodes]``; :meth:`TensorFores
 is what a saved detector stores (no pickled scikit-learn object, so it loads with
 ``torch.load(weights_only=True)``).
 
-Inference is compiled from those arrays (:meth:`TensorForest.specialize`) into one of two exact
-forms, per *group* of samples:
+Inference is compiled from those arrays (:meth:`TensorForest.specialize`) into three exact
+forms, chosen per *group* of samples:
 
-* **Walk** (any forest): every tree for every sample at once, one level per step. Node ids are
-  doubled so a child is found as ``child[2 n + (x[f_n] <= t_n)]`` (one gather, no branch);
-  trees are sorted by depth so only the trees still descending are touched at each level (a
-  prefix of the node matrix, no compaction). ``depth`` steps of 6 tensor ops.
 * **Table** (few inputs): the forest is a step function of its inputs, constant on the cells of
   the grid cut by its thresholds. When that grid is small (``max_cells``) the forest's
-  probabilities are painted into a table once; predicting is then one ``searchsorted`` per input
-  and one gather, whatever the number or depth of the trees.
+  probabilities are painted into a table once; predicting is one ``searchsorted`` over the
+  inputs and one gather, whatever the number or depth of the trees.
+* **Per-tree tables** (more inputs, each tree cutting few of them): one small table per tree on
+  the grid of that tree's own cuts, holding its leaf value. An input's bin among the group's
+  cuts maps to its bin in every tree through a precomputed map: one ``searchsorted``, one
+  gather for all trees and inputs, one gather of the values, then the sum over trees.
+* **Walk** (any forest): every tree for every sample at once, one level per step. Node ids are
+  doubled so a child is found as ``child[2 n + (x[f_n] <= t_n)]`` (one gather, no branch);
+  every other level the (tree, sample) pairs already at a leaf are dropped once they are a large
+  share (most paths end far above the deepest leaf). All walking groups share one walk.
 
 Grouping is what the relevant-neuron detector needs with ``use_label=True``: an image of
 predicted class j has zeros in every input outside class j's block, so every split on another
 block's input is decided in advance (``0 <= t``). ``specialize(columns, blocks, G)`` resolves
 those splits (pointer jumping over the node arrays), leaving per class a forest over that class's
-few inputs -- usually a small table (one or two neurons per class at mu=10).
+few inputs, shallow enough for a table or per-tree tables in most classes. Inputs are read
+straight from the columns of the wide descriptor matrix (no design matrix is built).
 
 Exactness: the result equals ``rf.predict_proba`` bit for bit. Splits compare the float32
 input with the float64 threshold as scikit-learn does (``x <= t``): the threshold is stored as
@@ -45,7 +50,7 @@ MAX_CELLS = 1 << 16
 #: largest painting work (cells x trees) for one group's table.
 MAX_TABLE_WORK = 1 << 25
 #: largest total of the per-tree tables (cells summed over trees) for one group.
-MAX_TREE_CELLS = 1 << 20
+MAX_TREE_CELLS = 1 << 16
 
 
 def _f32_floor(t: np.ndarray) -> np.ndarray:
@@ -290,11 +295,11 @@ def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells
             "tree": kept // raw.k}
     cols = torch.from_numpy(np.ascontiguousarray(columns[used]))
     cuts = [np.unique(node["threshold"][internal & (node["feature"] == f)]) for f in range(used.size)]
-    cells = float(np.prod([c.size + 1 for c in cuts], dtype=np.float64))
+    cells = float(np.exp2(min(sum(np.log2(c.size + 1) for c in cuts), 64.0)))      # log scale: no overflow
     if cells <= max_cells and cells * raw.n_trees <= max_table_work:
         return _Table(node, cols, cuts)
     cut = _tree_cuts(node, used.size)
-    tree_cells = float(np.prod(cut["dims"].astype(np.float64), axis=1).sum())   # float: no int64 overflow
+    tree_cells = float(np.exp2(np.minimum(np.log2(cut["dims"]).sum(1), 64.0)).sum())
     bin_map = used.size * raw.n_trees * (max([c.size for c in cuts], default=0) + 1)
     if tree_cells <= max_tree_cells and bin_map <= max_tree_cells:
         return _TreeTables(node, cols, cut, cuts)

@@ -93,7 +93,8 @@ class RelevantNeuronDetector(Detector):
         use_label: zero every class block but the predicted class's ("With-Label").
         n_estimators: trees of the random forest (the paper: 1000).
         layers: layers to take neurons from (default every conv / linear layer but the last).
-        normalize: ``"sum_l2"`` (default, sparse selection) or ``"l2"`` (Alg. 1 as printed); see
+        normalize: ``"l2"`` (default, Alg. 1 as printed; selects the paper's share of
+            neurons) or ``"sum_l2"`` (about 10x sparser at the same mu); see
             :mod:`robustops.detect.features`.
         seed: random state of the forest.
         n_jobs: forest training jobs (scikit-learn's ``n_jobs``).
