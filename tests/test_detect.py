@@ -279,7 +279,7 @@ def test_tree_tables_with_many_inputs_in_one_group():
     X = rng.random((500, 90)).astype(np.float32)
     y = (X[:, :45].sum(1) > X[:, 45:].sum(1)).astype(int)
     rf = RandomForestClassifier(n_estimators=40, max_depth=4, random_state=0).fit(X, y)
-    sp = TensorForest.from_sklearn(rf).specialize(torch.arange(90), max_cells=1, max_tree_cells=1 << 20)
+    sp = TensorForest.from_sklearn(rf).specialize(torch.arange(90), max_cells=1)
     used = {int(f) for e in rf.estimators_ for f in e.tree_.feature[e.tree_.feature >= 0]}
     assert sp.kinds() == ["tree_tables"] and len(used) > 64
     assert np.array_equal(sp.predict_proba(torch.from_numpy(X)).numpy(), rf.predict_proba(X))

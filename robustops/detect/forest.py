@@ -50,7 +50,7 @@ MAX_CELLS = 1 << 16
 #: largest painting work (cells x trees) for one group's table.
 MAX_TABLE_WORK = 1 << 25
 #: largest total of the per-tree tables (cells summed over trees) for one group.
-MAX_TREE_CELLS = 1 << 16
+MAX_TREE_CELLS = 1 << 20
 
 
 def _f32_floor(t: np.ndarray) -> np.ndarray:
