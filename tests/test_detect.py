@@ -269,6 +269,8 @@ def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
         sp.predict_proba(x, None)
     with pytest.raises(ValueError, match="groups"):
         sp.predict_proba(x[:3], torch.tensor([0, 1, g]))
+    with pytest.raises(ValueError, match="blocks"):                    # inputs of a group that would be ignored
+        TensorForest.from_sklearn(rf).specialize(columns, blocks, g - 1)
 
 
 def test_tree_tables_with_many_inputs_in_one_group():

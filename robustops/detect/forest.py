@@ -170,18 +170,22 @@ class TensorForest:
         columns = torch.as_tensor(columns, dtype=torch.int64).cpu()
         n_in = self.n_inputs
         if columns.dim() != 1 or columns.numel() < n_in:
-            raise ValueError(f"columns must be [F] with F >= {n_in} (the forest's inputs), got {tuple(columns.shape)}")
+            raise ValueError(f"columns must be [F] with F >= {n_in} (the forest's inputs), "
+                             f"got {tuple(columns.shape)}")
         raw = _RawArrays(self)
+        caps = (max_cells, max_table_work, max_tree_cells)
         if blocks is None:
-            grouped = [_compile(raw, np.ones(columns.numel(), bool), columns.numpy(), max_cells, max_table_work, max_tree_cells)]
+            grouped = [_compile(raw, np.ones(columns.numel(), bool), columns.numpy(), *caps)]
         else:
             blocks = torch.as_tensor(blocks, dtype=torch.int64).cpu()
             if blocks.shape != columns.shape:
-                raise ValueError(f"blocks must have the shape of columns {tuple(columns.shape)}, got {tuple(blocks.shape)}")
-            g = int(blocks.max()) + 1 if num_groups is None and blocks.numel() else int(num_groups or 1)
+                raise ValueError(f"blocks must have the shape of columns {tuple(columns.shape)}, "
+                                 f"got {tuple(blocks.shape)}")
+            g = int(num_groups) if num_groups is not None else (int(blocks.max()) + 1 if blocks.numel() else 1)
+            if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= g):
+                raise ValueError(f"blocks must lie in [0, {g}), got [{int(blocks.min())}, {int(blocks.max())}]")
             b = blocks.numpy()
-            grouped = [_compile(raw, b == j, columns.numpy(), max_cells, max_table_work, max_tree_cells)
-                      for j in range(g)]
+            grouped = [_compile(raw, b == j, columns.numpy(), *caps) for j in range(g)]
         return SpecializedForest(grouped, self.n_trees, int(self.value.shape[-1]),
                                  int(columns.max()) + 1 if columns.numel() else 0, grouped=blocks is not None)
 
