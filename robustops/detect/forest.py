@@ -528,15 +528,16 @@ class _Walk:
         else:
             node = self.roots.index_select(1, which).reshape(-1)
         col = torch.arange(n, device=node.device).repeat(t)
+        feature_n = self.feature2 * n                        # row offsets of the inputs in xflat
         final, pair = None, None                             # leaves of the dropped pairs; kept pairs' ids
         for level in range(self.depth):
-            f = self.feature2.index_select(0, node)
-            go_left = xflat.index_select(0, f * n + col) <= self.threshold2.index_select(0, node)
+            at = feature_n.index_select(0, node).add_(col)
+            go_left = xflat.index_select(0, at) <= self.threshold2.index_select(0, node)
             node = self.child2.index_select(0, node + go_left)
-            if level % 2 == 1 and level + 1 < self.depth:
+            if level >= 2 and level + 1 < self.depth:
                 live = self.internal2.index_select(0, node)
                 n_live = int(live.sum())
-                if n_live < 0.6 * node.numel():               # drop the finished pairs
+                if n_live < 0.7 * node.numel():               # drop the finished pairs
                     if final is None:
                         final = node.clone()
                     else:
