@@ -273,6 +273,24 @@ def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
         TensorForest.from_sklearn(rf).specialize(columns, blocks, g - 1)
 
 
+def test_table_by_counts_for_pure_leaves_only():
+    """Pure leaves (fractions 0 / 1): the table is built from integer counts (difference arrays),
+    exact in any order; impure leaves must not take that path."""
+    from sklearn.ensemble import RandomForestClassifier
+    rng = np.random.default_rng(4)
+    X = rng.random((300, 2)).astype(np.float32)
+    y = ((X[:, 0] - 0.5) * (X[:, 1] - 0.4) + 0.05 * rng.normal(size=300) > 0).astype(int)
+    Xt = np.concatenate([X, rng.random((200, 2)).astype(np.float32)])
+    pure = RandomForestClassifier(n_estimators=50, random_state=0).fit(X, y)
+    sp = TensorForest.from_sklearn(pure).specialize(torch.arange(2), max_table_work=1)   # no painting allowed
+    assert sp.kinds() == ["table"]
+    assert np.array_equal(sp.predict_proba(torch.from_numpy(Xt)).numpy(), pure.predict_proba(Xt))
+    impure = RandomForestClassifier(n_estimators=50, min_samples_leaf=7, random_state=0).fit(X, y)
+    sp = TensorForest.from_sklearn(impure).specialize(torch.arange(2), max_table_work=1)
+    assert sp.kinds() != ["table"]
+    assert np.array_equal(sp.predict_proba(torch.from_numpy(Xt)).numpy(), impure.predict_proba(Xt))
+
+
 def test_tree_tables_with_many_inputs_in_one_group():
     """A group whose trees cut more inputs than numpy has dimensions (64): each tree's table
     spans only the inputs that tree cuts."""

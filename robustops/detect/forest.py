@@ -46,11 +46,17 @@ import torch
 __all__ = ["TensorForest", "SpecializedForest"]
 
 #: largest table (grid cells) :meth:`TensorForest.specialize` builds for one group.
-MAX_CELLS = 1 << 16
+MAX_CELLS = 1 << 18
 #: largest painting work (cells x trees) for one group's table.
 MAX_TABLE_WORK = 1 << 25
 #: largest total of the per-tree tables (cells summed over trees) for one group.
 MAX_TREE_CELLS = 1 << 20
+#: a group whose leaves are all pure (class fractions 0 or 1, as in fully grown trees) and that
+#: cuts at most MAX_COUNT_INPUTS inputs gets a table of up to MAX_COUNT_CELLS cells whatever the
+#: number of trees: the per-cell sums are integer counts (exact in any order), built with
+#: difference arrays (2^k corners per leaf box) instead of painting every tree's grid.
+MAX_COUNT_CELLS = 1 << 18
+MAX_COUNT_INPUTS = 4
 
 
 def _f32_floor(t: np.ndarray) -> np.ndarray:
@@ -173,7 +179,7 @@ class TensorForest:
             raise ValueError(f"columns must be [F] with F >= {n_in} (the forest's inputs), "
                              f"got {tuple(columns.shape)}")
         raw = _RawArrays(self)
-        caps = (max_cells, max_table_work, max_tree_cells)
+        caps = (max(max_cells, 1), max_table_work, max_tree_cells, min(max_cells, MAX_COUNT_CELLS))
         if blocks is None:
             grouped = [_compile(raw, np.ones(columns.numel(), bool), columns.numpy(), *caps)]
         else:
@@ -253,7 +259,7 @@ class _RawArrays:
 
 
 def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells: int, max_table_work: int,
-             max_tree_cells: int):
+             max_tree_cells: int, max_count_cells: int):
     """One group: resolve splits on inputs outside ``inputs`` (value 0), keep the reachable nodes,
     and build a table (small threshold grid) or a walk."""
     n = raw.feature.shape[0]
@@ -300,8 +306,10 @@ def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells
     cols = torch.from_numpy(np.ascontiguousarray(columns[used]))
     cuts = [np.unique(node["threshold"][internal & (node["feature"] == f)]) for f in range(used.size)]
     cells = float(np.exp2(min(sum(np.log2(c.size + 1) for c in cuts), 64.0)))      # log scale: no overflow
-    if cells <= max_cells and cells * raw.n_trees <= max_table_work:
-        return _Table(node, cols, cuts)
+    leaf_values = node["value"][~internal]
+    pure = bool(np.all((leaf_values == 0) | (leaf_values == 1))) and used.size <= MAX_COUNT_INPUTS
+    if cells <= max_cells and (cells * raw.n_trees <= max_table_work or (pure and cells <= max_count_cells)):
+        return _Table(node, cols, cuts, by_counts=pure)
     cut = _tree_cuts(node, used.size)
     tree_cells = float(np.exp2(np.minimum(np.log2(cut["dims"]).sum(1), 64.0)).sum())
     bin_map = used.size * raw.n_trees * (max([c.size for c in cuts], default=0) + 1)
@@ -381,7 +389,7 @@ class _Table:
     sum over trees, in scikit-learn's order, of each tree's painted grid, divided by T.
     """
 
-    def __init__(self, node, cols: torch.Tensor, cuts: List[np.ndarray]):
+    def __init__(self, node, cols: torch.Tensor, cuts: List[np.ndarray], by_counts: bool = False):
         k = len(cuts)
         dims = np.asarray([c.size + 1 for c in cuts], np.int64)
         t = node["roots"].size
@@ -391,13 +399,30 @@ class _Table:
             sel = node["internal"] & (node["feature"] == f)
             rank[sel] = np.searchsorted(c, node["threshold"][sel])
         leaf, ltree, lo, hi = _leaf_boxes(node, rank, np.tile(dims, (t, 1)))
-        acc = np.zeros(tuple(dims) + (n_cls,), np.float64)
-        grid = np.empty_like(acc)
-        starts = np.searchsorted(ltree, np.arange(t + 1))
-        for i in range(t):                                   # trees in scikit-learn's summation order
-            for p in range(starts[i], starts[i + 1]):
-                grid[tuple(slice(a, b) for a, b in zip(lo[p], hi[p]))] = node["value"][leaf[p]]
-            acc += grid
+        if by_counts:
+            # pure leaves: each cell's sum over trees is an integer count, the same in any order;
+            # +-1 at the 2^k corners of every non-empty box, then a prefix sum along each axis
+            nonempty = np.all(hi > lo, axis=1)
+            leaf, lo, hi = leaf[nonempty], lo[nonempty], hi[nonempty]
+            vals = node["value"][leaf].astype(np.int64)     # [L, C] of 0 / 1
+            diff = np.zeros(tuple(dims + 1) + (n_cls,), np.int64)
+            if k == 0:                                       # one cell: every tree is a single leaf
+                diff += vals.sum(0)
+            for corner in range(1 << k if k else 0):
+                bits = [(corner >> f) & 1 for f in range(k)]
+                idx = tuple(hi[:, f] if b else lo[:, f] for f, b in enumerate(bits))
+                np.add.at(diff, idx, vals if sum(bits) % 2 == 0 else -vals)
+            for axis in range(k):
+                diff = np.cumsum(diff, axis=axis)
+            acc = diff[tuple(slice(0, d) for d in dims)].astype(np.float64)
+        else:
+            acc = np.zeros(tuple(dims) + (n_cls,), np.float64)
+            grid = np.empty_like(acc)
+            starts = np.searchsorted(ltree, np.arange(t + 1))
+            for i in range(t):                               # trees in scikit-learn's summation order
+                for p in range(starts[i], starts[i + 1]):
+                    grid[tuple(slice(a, b) for a, b in zip(lo[p], hi[p]))] = node["value"][leaf[p]]
+                acc += grid
         acc /= t
         self.table = torch.from_numpy(np.ascontiguousarray(acc.reshape(-1, n_cls).T))   # [C, cells]
         self.cuts = torch.from_numpy(_padded_cuts(cuts, max([c.size for c in cuts], default=0)))
