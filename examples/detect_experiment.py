@@ -209,8 +209,8 @@ def main(argv=None):
     p.add_argument("--trees", type=int, default=100)
     p.add_argument("--eps-strong", type=float, default=0.3)
     p.add_argument("--eps-weak", type=float, default=0.1)
-    # lr 0.1: with lr 0.01 and 50 steps the targeted attack reached only 12 of 100 Fashion-MNIST
-    # images (the early-abort check stops rounds whose loss barely moves); 0.1 reaches all
+    # lr 0.1: with lr 0.01, 50 steps, 3 rounds the targeted attack reached only 12 of 100 Fashion-MNIST
+    # images (on 40 images: 15%; lr 0.01 with 100 steps and no early abort 65%; lr 0.1 100%)
     p.add_argument("--cw-steps", type=int, default=100)
     p.add_argument("--cw-bss", type=int, default=5)
     p.add_argument("--cw-lr", type=float, default=0.1)
