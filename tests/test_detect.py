@@ -146,6 +146,29 @@ def test_mu_lasso_matches_sklearn_lasso_at_same_l1_norm(mode, alpha):
     assert bool((res.W.abs().sum(0) <= mu * (1 + 1e-9)).all())
 
 
+@pytest.mark.parametrize("mode", ["gram", "direct"])
+def test_mu_lasso_nonneg_matches_sklearn_positive_lasso(mode):
+    """nonneg=True: the constrained problem over {w >= 0, sum(w) <= mu} against scikit-learn's
+    Lasso(positive=True) at the matching L1 norm (same objective, same support)."""
+    from sklearn.linear_model import Lasso
+    g = torch.Generator().manual_seed(3)
+    n, m, c = 150, 40, 3
+    X = torch.rand(n, m, generator=g, dtype=torch.float64)
+    Y = torch.nn.functional.one_hot(torch.arange(n) % c, c).double()
+    X[:, :c] += 0.5 * Y                                       # a few features respond to each class
+    ref = torch.from_numpy(np.stack([Lasso(alpha=0.01, fit_intercept=False, positive=True, tol=1e-14,
+                                           max_iter=200000).fit(X.numpy(), Y[:, j].numpy()).coef_
+                                     for j in range(c)], 1))
+    mu = ref.sum(0)
+    res = mu_lasso(X, Y, mu, mode=mode, tol=1e-12, nonneg=True)
+    f_ref = ((X @ ref - Y) ** 2).sum(0)
+    assert float(((res.objective - f_ref).abs() / f_ref).max()) < 1e-4
+    assert bool((res.W >= 0).all()) and bool((res.W.sum(0) <= mu * (1 + 1e-9)).all())
+    assert torch.equal(res.W > 0, ref > 1e-10)
+    # the signed problem at the same budget reaches a lower objective (negative weights help)
+    assert bool((mu_lasso(X, Y, mu, tol=1e-12).objective < res.objective).all())
+
+
 def test_mu_lasso_inactive_constraint_is_least_squares():
     g = torch.Generator().manual_seed(2)
     X = torch.randn(100, 5, generator=g, dtype=torch.float64)
@@ -184,18 +207,114 @@ def test_relevant_neurons_absent_class_is_empty():
 
 
 # ----------------------------------------------------------------------------- tensor forest
-def test_tensor_forest_equals_sklearn():
+def _adjacent_float32_data(rng, n, d):
+    """Features with many pairs of adjacent float32 values, so that splits fall between them:
+    scikit-learn's float64 midpoint is then not a float32, and rounding it to the nearest float32
+    (instead of down) would send one of the two values the wrong way."""
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    base = (1000 + rng.normal(size=n // 4)).astype(np.float32)   # ulp 6e-5: scikit-learn splits between them
+    X[: n // 4, 0] = base
+    X[n // 4: n // 2, 0] = np.nextafter(base, np.float32(np.inf))
+    return X
+
+
+def test_tensor_forest_equals_sklearn_exactly():
     from sklearn.ensemble import RandomForestClassifier
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(400, 12)).astype(np.float32)
-    y = (X[:, 0] + X[:, 3] ** 2 + 0.3 * rng.normal(size=400) > 1).astype(int)
-    rf = RandomForestClassifier(n_estimators=25, random_state=0).fit(X, y)
-    tf = TensorForest.from_sklearn(rf)
-    Xt = rng.normal(size=(300, 12)).astype(np.float32)
-    torch.testing.assert_close(tf.predict_proba(torch.from_numpy(Xt)).double(),
-                               torch.from_numpy(rf.predict_proba(Xt)), rtol=0, atol=1e-6)
-    back = TensorForest.from_state_dict(tf.state_dict())
-    assert torch.equal(back.predict_proba(torch.from_numpy(Xt)), tf.predict_proba(torch.from_numpy(Xt)))
+    for n_cls in (2, 3):
+        X = _adjacent_float32_data(rng, 400, 12)
+        y = (X[:, 0] > 1000).astype(int) ^ (np.arange(400) < 100)       # split between the adjacent values
+        if n_cls == 3:
+            y = y + (X[:, 3] > 0.8)
+        rf = RandomForestClassifier(n_estimators=25, random_state=0).fit(X, y)
+        t64 = np.concatenate([e.tree_.threshold[e.tree_.children_left >= 0] for e in rf.estimators_])
+        t32 = t64.astype(np.float32)                         # the data does exercise the rounding direction:
+        assert bool(np.isin(t32[t32.astype(np.float64) > t64], X[100:200, 0]).any())   # a value sits on one
+        tf = TensorForest.from_sklearn(rf)
+        Xt = np.concatenate([X[:200], rng.normal(size=(200, 12)).astype(np.float32)])
+        p = tf.predict_proba(torch.from_numpy(Xt))
+        assert p.dtype == torch.float64
+        assert np.array_equal(p.numpy(), rf.predict_proba(Xt))           # bit for bit
+        back = TensorForest.from_state_dict(tf.state_dict())
+        assert torch.equal(back.predict_proba(torch.from_numpy(Xt)), p)
+
+
+@pytest.mark.parametrize("kind", ["table", "tree_tables", "walk"])
+def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
+    """specialize(columns, blocks): each sample read as if the inputs of other groups were 0
+    (the detector's with-label design), from a wider matrix, in all three evaluation forms."""
+    from sklearn.ensemble import RandomForestClassifier
+    rng = np.random.default_rng(1)
+    g, width = 4, 30
+    columns = torch.from_numpy(rng.choice(width, 12, replace=False))
+    blocks = torch.from_numpy(np.repeat(np.arange(g), 3))
+    blocks[-1] = 0                                           # group 3 has 2 inputs, group 0 has 4
+    wide = rng.random((600, width)).astype(np.float32)
+    grp = rng.integers(0, g, 600)
+    z = wide[:, columns.numpy()] * (blocks.numpy()[None, :] == grp[:, None])
+    y = (z.sum(1) + 0.3 * rng.normal(size=600) > 0.9).astype(int)
+    rf = RandomForestClassifier(n_estimators=30, random_state=0).fit(z[:400], y[:400])
+    caps = {"table": {}, "tree_tables": {"max_cells": 1}, "walk": {"max_cells": 1, "max_tree_cells": 1}}[kind]
+    sp = TensorForest.from_sklearn(rf).specialize(columns, blocks, g, **caps)
+    assert kind in sp.kinds() and (kind != "walk" or set(sp.kinds()) == {"walk"})
+    ref = rf.predict_proba(z)
+    x, gr = torch.from_numpy(wide), torch.from_numpy(grp)
+    assert np.array_equal(sp.predict_proba(x, gr).numpy(), ref)
+    assert np.array_equal(sp.predict_proba(x, gr, column=1).numpy(), ref[:, 1])
+    # one sample at a time and odd batches give the same (no state kept between calls)
+    one = torch.cat([sp.predict_proba(x[i:i + 1], gr[i:i + 1], column=1) for i in range(40)])
+    assert np.array_equal(one.numpy(), ref[:40, 1])
+    assert np.array_equal(sp.predict_proba(x[7:44], gr[7:44], column=1).numpy(), ref[7:44, 1])
+    with pytest.raises(ValueError, match="groups"):
+        sp.predict_proba(x, None)
+    with pytest.raises(ValueError, match="groups"):
+        sp.predict_proba(x[:3], torch.tensor([0, 1, g]))
+    with pytest.raises(ValueError, match="blocks"):                    # inputs of a group that would be ignored
+        TensorForest.from_sklearn(rf).specialize(columns, blocks, g - 1)
+
+
+def test_table_by_counts_for_pure_leaves_only():
+    """Pure leaves (fractions 0 / 1): the table is built from integer counts (difference arrays),
+    exact in any order; impure leaves must not take that path."""
+    from sklearn.ensemble import RandomForestClassifier
+    rng = np.random.default_rng(4)
+    X = rng.random((300, 2)).astype(np.float32)
+    y = ((X[:, 0] - 0.5) * (X[:, 1] - 0.4) + 0.05 * rng.normal(size=300) > 0).astype(int)
+    Xt = np.concatenate([X, rng.random((200, 2)).astype(np.float32)])
+    pure = RandomForestClassifier(n_estimators=50, random_state=0).fit(X, y)
+    sp = TensorForest.from_sklearn(pure).specialize(torch.arange(2), max_table_work=1)   # no painting allowed
+    assert sp.kinds() == ["table"]
+    assert np.array_equal(sp.predict_proba(torch.from_numpy(Xt)).numpy(), pure.predict_proba(Xt))
+    impure = RandomForestClassifier(n_estimators=50, min_samples_leaf=7, random_state=0).fit(X, y)
+    sp = TensorForest.from_sklearn(impure).specialize(torch.arange(2), max_table_work=1)
+    assert sp.kinds() != ["table"]
+    assert np.array_equal(sp.predict_proba(torch.from_numpy(Xt)).numpy(), impure.predict_proba(Xt))
+
+
+def test_tree_tables_with_many_inputs_in_one_group():
+    """A group whose trees cut more inputs than numpy has dimensions (64): each tree's table
+    spans only the inputs that tree cuts."""
+    from sklearn.ensemble import RandomForestClassifier
+    rng = np.random.default_rng(2)
+    X = rng.random((500, 90)).astype(np.float32)
+    y = (X[:, :45].sum(1) > X[:, 45:].sum(1)).astype(int)
+    rf = RandomForestClassifier(n_estimators=40, max_depth=4, random_state=0).fit(X, y)
+    sp = TensorForest.from_sklearn(rf).specialize(torch.arange(90), max_cells=1)
+    used = {int(f) for e in rf.estimators_ for f in e.tree_.feature[e.tree_.feature >= 0]}
+    assert sp.kinds() == ["tree_tables"] and len(used) > 64
+    assert np.array_equal(sp.predict_proba(torch.from_numpy(X)).numpy(), rf.predict_proba(X))
+
+
+def test_saved_forest_with_a_cycle_is_rejected():
+    from sklearn.ensemble import RandomForestClassifier
+    rng = np.random.default_rng(3)
+    X = rng.random((100, 4)).astype(np.float32)
+    rf = RandomForestClassifier(n_estimators=3, random_state=0).fit(X, (X[:, 0] > 0.5).astype(int))
+    d = TensorForest.from_sklearn(rf).state_dict()
+    d["left"] = d["left"].clone()
+    d["left"][0, 1] = 0                                      # node 1 points back to the root
+    with pytest.raises(ValueError, match="trees"):
+        TensorForest.from_state_dict(d)
 
 
 # ----------------------------------------------------------------------------- detector
@@ -231,8 +350,9 @@ def test_score_predict_consistent_and_deterministic(fitted, digits, adv):
     # the scikit-learn forest gives the same probabilities
     feats, logits = fitted.features_and_logits(xte)
     z = fitted._design(feats, logits.argmax(1)).numpy()
-    torch.testing.assert_close(s.double(), torch.from_numpy(fitted.classifier_.predict_proba(z)[:, 1]),
-                               rtol=0, atol=1e-6)
+    proba = fitted.classifier_.predict_proba(z)[:, 1]
+    assert torch.equal(s, torch.from_numpy(proba).float())                 # exact (then cast to float32)
+    assert np.array_equal(fitted.predict(xte).numpy(), fitted.classifier_.predict(z) == 1)
     # batched == whole, DataLoader == tensor
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xte, yte), batch_size=37)
     torch.testing.assert_close(fitted.score(loader), s)

@@ -132,7 +132,7 @@ class _Ops:
 
 def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol: float = 1e-6,
              memory: int = 10, mode: str = "auto", W0: Optional[torch.Tensor] = None,
-             dtype: Optional[torch.dtype] = None) -> MuLassoResult:
+             dtype: Optional[torch.dtype] = None, nonneg: bool = False) -> MuLassoResult:
     """Solve the mu-Lasso ``min ||X W - Y||_F^2  s.t.  ||w_j||_1 <= mu`` for all columns at once.
 
     Args:
@@ -149,6 +149,10 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         mode: ``"gram"``, ``"direct"`` or ``"auto"`` (see module docstring).
         W0: starting point ``[m, C]`` (projected first); zeros by default.
         dtype: computation dtype (default: X's; float16/bfloat16 X is computed in float32).
+        nonneg: also require ``W >= 0`` (the feasible set becomes ``{w >= 0, sum(w) <= mu}``;
+            its projection is the L1-ball projection of ``max(v, 0)``, and the gap uses
+            ``mu max(0, max(-g))`` in place of ``mu ||g||_inf``). SPAMS' ``lasso(mode=0,
+            pos=True)`` solves this form.
 
     Returns:
         :class:`MuLassoResult` (``W [m, C]`` exactly sparse: the projection zeroes entries;
@@ -194,6 +198,10 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
     n, m = X.shape
     c = Y.shape[1]
     mu_t = _check_mu(mu, c, dtype, X.device)
+    nonneg = bool(nonneg)
+
+    def project(Vt):
+        return _project_rows(Vt.clamp_min(0) if nonneg else Vt, mu_t)
 
     # Rows are classes below (Wt [C, m]) so the projection sorts contiguous rows.
     Yt = Y.T.contiguous()                                    # [C, N]
@@ -213,7 +221,7 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
     else:
         if not isinstance(W0, torch.Tensor) or W0.shape != (m, c):
             raise ValueError(f"W0 must be a tensor [m, C] = [{m}, {c}], got {getattr(W0, 'shape', type(W0))}")
-        Wt = _project_rows(W0.to(device=X.device, dtype=dtype).T.contiguous(), mu_t)
+        Wt = project(W0.to(device=X.device, dtype=dtype).T.contiguous())
     Qt = ops.apply(Wt)
     g = ops.grad(Qt)
     f = ops.fval(Wt, Qt)
@@ -222,9 +230,10 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
     alpha_min, alpha_max = 1e-10, 1e6 / scale
 
     def gap_of(Wt, g):
-        return (mu_t * g.abs().amax(1) + (Wt * g).sum(1)).clamp_min(0)
+        support = (-g).amax(1).clamp_min(0) if nonneg else g.abs().amax(1)   # max over the set of <w, -g>
+        return (mu_t * support + (Wt * g).sum(1)).clamp_min(0)
 
-    d0 = _project_rows(Wt - g, mu_t) - Wt                   # first step: 1 / ||P(w - g) - w||_inf (SPG2)
+    d0 = project(Wt - g) - Wt                   # first step: 1 / ||P(w - g) - w||_inf (SPG2)
     alpha = (1.0 / d0.abs().amax(1).clamp_min(1e-30)).clamp(alpha_min, alpha_max)
     hist = f[None, :].repeat(memory, 1)
     gamma = 1e-4
@@ -236,7 +245,7 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         if bool((gap <= tol * torch.clamp(f, min=tol)).all()):
             converged = True
             break
-        Dt = _project_rows(Wt - alpha[:, None] * g, mu_t) - Wt
+        Dt = project(Wt - alpha[:, None] * g) - Wt
         gd = (g * Dt).sum(1)                                 # < 0 unless D = 0
         DQt = ops.apply(Dt)
         dqd = ops.curv(Dt, DQt)                                  # f(W + lam D) = f + lam gd + lam^2 dqd

@@ -93,7 +93,8 @@ class RelevantNeuronDetector(Detector):
         use_label: zero every class block but the predicted class's ("With-Label").
         n_estimators: trees of the random forest (the paper: 1000).
         layers: layers to take neurons from (default every conv / linear layer but the last).
-        normalize: ``"sum_l2"`` (default, sparse selection) or ``"l2"`` (Alg. 1 as printed); see
+        normalize: ``"l2"`` (default, Alg. 1 as printed; selects the paper's share of
+            neurons) or ``"sum_l2"`` (about 10x sparser at the same mu); see
             :mod:`robustops.detect.features`.
         seed: random state of the forest.
         n_jobs: forest training jobs (scikit-learn's ``n_jobs``).
@@ -112,7 +113,7 @@ class RelevantNeuronDetector(Detector):
     """
 
     def __init__(self, model: nn.Module, mu: float = 10, variant: str = "shared", use_label: bool = True,
-                 n_estimators: int = 1000, layers=None, normalize: str = "sum_l2", seed: Optional[int] = 0,
+                 n_estimators: int = 1000, layers=None, normalize: str = "l2", seed: Optional[int] = 0,
                  n_jobs: Optional[int] = None, batch_size: int = 512, solver_kw: Optional[dict] = None):
         super().__init__(model, batch_size)
         _check_mu(mu, 1, torch.float64, torch.device("cpu"))
@@ -227,8 +228,16 @@ class RelevantNeuronDetector(Detector):
         rf.fit(z, y)
         self.classifier_ = rf
         self.forest_ = TensorForest.from_sklearn(rf)
+        self._compile_forest()
         self._fitted = True
         return self
+
+    def _compile_forest(self) -> None:
+        """Inference form of the forest: reads the selected neurons straight from the ``[N, m]``
+        descriptors, and with ``use_label`` resolves every split on another class's block in
+        advance (those inputs are 0), per predicted class (:meth:`TensorForest.specialize`)."""
+        self._forest_eval = self.forest_.specialize(self._index, self._block if self.use_label else None,
+                                                    num_groups=self.num_classes_)
 
     def _build_index(self) -> None:
         key = "clean" if self.variant == "clean" else self.variant
@@ -276,9 +285,24 @@ class RelevantNeuronDetector(Detector):
         self._check_fitted("score_features")
         if feats.dim() != 2 or feats.shape[1] != self.n_features_:
             raise ShapeMismatchError(f"features must be [N, {self.n_features_}], got {tuple(feats.shape)}")
-        if self.forest_.feature.device != feats.device:
-            self.forest_ = self.forest_.to(feats.device)
-        return self.forest_.predict_proba(self._design(feats, preds.to(feats.device)))[:, 1]
+        return self._proba(feats, preds).float()
+
+    def _proba(self, feats: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
+        """float64 ``P(adversarial)`` ``[N]``, equal to the scikit-learn forest's
+        ``predict_proba(design)[:, 1]``, without building the design matrix."""
+        if self._forest_eval.device != feats.device:
+            self._forest_eval = self._forest_eval.to(feats.device)
+        return self._forest_eval.predict_proba(feats, preds if self.use_label else None, column=1)
+
+    def predict(self, x) -> torch.Tensor:
+        """``BoolTensor[N]``: True where ``x`` is judged adversarial, i.e. where the forest's
+        ``P(adversarial) > 0.5`` (decided in float64: the scikit-learn forest's ``predict``)."""
+        self._check_fitted("predict")
+        out = []
+        for xb in _iter_images(x, self.batch_size, "x"):
+            feats, logits = self.features_and_logits(xb)
+            out.append(self._proba(feats, logits.argmax(1)) > self.threshold_)
+        return torch.cat(out)
 
     def decide(self, scores: torch.Tensor) -> torch.Tensor:
         """True where ``P(adversarial) > 0.5`` (the forest's majority, as ``rf.predict``)."""
@@ -356,6 +380,7 @@ class RelevantNeuronDetector(Detector):
             raise ValueError("saved relevant sets index beyond the saved number of features")
         if det.forest_.feature.numel() and int(det.forest_.feature.max()) >= max(det._index.numel(), 1):
             raise ValueError("saved forest uses more inputs than the relevant sets provide")
+        det._compile_forest()
         # the model must produce the saved neurons: one forward of a blank image checks it
         x0 = torch.zeros((1,) + det.sample_shape_)
         with frozen_model(model), torch.no_grad(), ActivationRecorder(model, det.layer_names) as rec:
