@@ -29,9 +29,20 @@ from robustops.attacks import AutoAttack
 
 
 def _model():
+    """The benchmark model, bit-identical in every process: seeded initialisation and training on
+    one thread (a multi-threaded conv backward sums in a thread-dependent order, so the weights, and
+    with them the verdicts, would otherwise drift between runs); the caller's thread count and RNG
+    state are restored."""
     xtr = data.as_tensors(data.load("digits", split="train"))
-    model = models.small_cnn()
-    models.train(model, xtr, epochs=5, optimizer="adam", lr=3e-3, batch_size=32, seed=0)
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = models.small_cnn()
+        models.train(model, xtr, epochs=5, optimizer="adam", lr=3e-3, batch_size=32, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
     return model.eval()
 
 
