@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..ops import fab_projection
-from ._aa import check_eps, check_norm, check_pos_int, check_targets, check_unit, lp_norm
+from ._aa import check_eps, check_norm, check_pos_int, check_targets, check_unit, chunked_logits, forward_rows, lp_norm
 from .base import Attack
 
 __all__ = ["FAB", "fab_run"]
@@ -37,7 +37,18 @@ __all__ = ["FAB", "fab_run"]
 
 def _class_gradients(forward, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], norm: str):
     """``(df [R], dg [R, ...], logits)``: the value and gradient of ``f_s - f_y`` at ``x`` for the
-    hyperplane FAB projects on (the target, or the closest class in the dual norm)."""
+    hyperplane FAB projects on (the target, or the closest class in the dual norm); computed in
+    passes of :func:`forward_rows` rows."""
+    rows = forward_rows(x)
+    if x.shape[0] <= rows:
+        return _class_gradients_rows(forward, x, y, target, norm)
+    parts = [_class_gradients_rows(forward, x[s:s + rows], y[s:s + rows],
+                                   None if target is None else target[s:s + rows], norm)
+             for s in range(0, x.shape[0], rows)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _class_gradients_rows(forward, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], norm: str):
     xr = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = forward(xr)
@@ -104,7 +115,7 @@ def fab_run(forward: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y
         d1, d2 = d3[:W].reshape(x1.shape), d3[W:].reshape(x1.shape)
         x1 = ((x1 + eta * d1) * (1 - alpha) + (xw + d2 * eta) * alpha).clamp(lo, hi)
         with torch.no_grad():
-            is_adv = forward(x1).argmax(1) != yw
+            is_adv = chunked_logits(forward, x1).argmax(1) != yw
         if bool(is_adv.any()):
             t = lp_norm(x1 - xw, norm)
             closer = is_adv & (t < res)
