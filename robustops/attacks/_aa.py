@@ -128,16 +128,25 @@ def forward_rows(x: torch.Tensor) -> int:
     n = x.shape[0]
     if x.device.type != "cpu":
         return max(n, 1)
-    plane = x[0, 0].numel() if x.dim() >= 4 else x[0].numel()
+    plane = math.prod(x.shape[2:]) if x.dim() >= 4 else math.prod(x.shape[1:])
     return max(1, max(_CPU_MIN_ROWS, _CPU_ROW_PIXELS // max(1, plane)))
 
 
+def row_slices(x: torch.Tensor) -> List[slice]:
+    """The passes over the rows of ``x``: as few as :func:`forward_rows` allows, of equal size
+    (270 rows -> 135 + 135, not 256 + 14)."""
+    n, rows = x.shape[0], forward_rows(x)
+    k = max(1, -(-n // rows))
+    size = -(-n // k) if n else 1
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)] or [slice(0, 0)]
+
+
 def chunked_logits(forward, x: torch.Tensor) -> torch.Tensor:
-    """``forward(x)`` (logits ``[R, C]``) in passes of :func:`forward_rows` rows."""
-    rows = forward_rows(x)
-    if x.shape[0] <= rows:
+    """``forward(x)`` (logits ``[R, C]``) in the passes of :func:`row_slices`."""
+    parts = row_slices(x)
+    if len(parts) == 1:
         return forward(x)
-    return torch.cat([forward(c) for c in x.split(rows)])
+    return torch.cat([forward(x[sl]) for sl in parts])
 
 
 def chunk_seed(seed, index: int):

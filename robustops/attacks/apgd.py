@@ -29,7 +29,7 @@ from torch import nn
 
 from ..ops import apgd_step
 from ._aa import (apgd_checkpoints, check_eps, check_norm, check_pos_int, check_targets, check_unit, dlr_loss,
-                  dlr_loss_targeted, forward_rows, lp_norm)
+                  dlr_loss_targeted, lp_norm, row_slices)
 from .base import Attack
 
 __all__ = ["APGD", "APGDT", "apgd_run"]
@@ -95,16 +95,13 @@ def apgd_run(forward: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, 
             g = g / eot_iter
         return g.detach(), logits.detach(), li.detach()
 
-    rows_per_pass = forward_rows(x0)
-
     def grad_at(xa, yy, tt):
-        """Loss gradient, logits and loss at ``xa``, in passes of ``rows_per_pass`` rows."""
-        if xa.shape[0] <= rows_per_pass:
+        """Loss gradient, logits and loss at ``xa``, in the passes of :func:`row_slices`."""
+        parts = row_slices(xa)
+        if len(parts) == 1:
             return grad_at_rows(xa, yy, tt)
-        parts = [grad_at_rows(xa[s:s + rows_per_pass], yy[s:s + rows_per_pass],
-                              None if tt is None else tt[s:s + rows_per_pass])
-                 for s in range(0, xa.shape[0], rows_per_pass)]
-        return tuple(torch.cat(p) for p in zip(*parts))
+        out = [grad_at_rows(xa[sl], yy[sl], None if tt is None else tt[sl]) for sl in parts]
+        return tuple(torch.cat(p) for p in zip(*out))
 
     idx = torch.arange(R, device=x0.device)
     xw, yw = x0, y

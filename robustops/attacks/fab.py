@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from ..ops import fab_projection
-from ._aa import check_eps, check_norm, check_pos_int, check_targets, check_unit, chunked_logits, forward_rows, lp_norm
+from ._aa import (check_eps, check_norm, check_pos_int, check_targets, check_unit, chunked_logits, lp_norm,
+                  row_slices)
 from .base import Attack
 
 __all__ = ["FAB", "fab_run"]
@@ -38,14 +39,13 @@ __all__ = ["FAB", "fab_run"]
 def _class_gradients(forward, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], norm: str):
     """``(df [R], dg [R, ...], logits)``: the value and gradient of ``f_s - f_y`` at ``x`` for the
     hyperplane FAB projects on (the target, or the closest class in the dual norm); computed in
-    passes of :func:`forward_rows` rows."""
-    rows = forward_rows(x)
-    if x.shape[0] <= rows:
+    the passes of :func:`row_slices`."""
+    parts = row_slices(x)
+    if len(parts) == 1:
         return _class_gradients_rows(forward, x, y, target, norm)
-    parts = [_class_gradients_rows(forward, x[s:s + rows], y[s:s + rows],
-                                   None if target is None else target[s:s + rows], norm)
-             for s in range(0, x.shape[0], rows)]
-    return tuple(torch.cat(p) for p in zip(*parts))
+    out = [_class_gradients_rows(forward, x[sl], y[sl], None if target is None else target[sl], norm)
+           for sl in parts]
+    return tuple(torch.cat(p) for p in zip(*out))
 
 
 def _class_gradients_rows(forward, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], norm: str):
