@@ -459,8 +459,10 @@ def test_versions_use_the_authors_settings():
 
 
 def test_square_skipping_unchanged_proposals_keeps_the_search_path(monkeypatch):
-    """Square Linf queries the model only on rows whose proposal changed; forcing a query of every
-    row must give bit-identical examples, successes and query counts, with more rows forwarded."""
+    """Square Linf queries the model only on rows whose proposal changed and was not tried from the
+    same best, and stops once every proposal of the last stage was tried; forcing a query of every
+    row at every iteration must give bit-identical examples, successes and query counts (over two
+    restarts: the second one continues the random stream of the first), with more rows forwarded."""
     model, x, y, dmin = _linear_case("Linf")
     eps = float(dmin.median())
     counted = []
@@ -475,20 +477,21 @@ def test_square_skipping_unchanged_proposals_keeps_the_search_path(monkeypatch):
             return self.m(z)
 
     net = Count(model)
-    fast = Square(net, norm="Linf", eps=eps, n_queries=400, seed=0)
+    fast = Square(net, norm="Linf", eps=eps, n_queries=400, n_restarts=2, seed=0)
     xa = fast(x, y)
     rows_fast = sum(counted)
     counted.clear()
     orig = Square._loop
 
-    def no_skip(self, *a, skip_unchanged=False):
+    def no_skip(self, *a, skip_unchanged=False, final_from=None):
         return orig(self, *a, skip_unchanged=False)
 
     monkeypatch.setattr(Square, "_loop", no_skip)
-    slow = Square(net, norm="Linf", eps=eps, n_queries=400, seed=0)
+    slow = Square(net, norm="Linf", eps=eps, n_queries=400, n_restarts=2, seed=0)
     xb = slow(x, y)
     rows_slow = sum(counted)
     assert torch.equal(xa, xb)
     assert torch.equal(fast.last_success, slow.last_success)
     assert torch.equal(fast.last_queries, slow.last_queries)
     assert rows_fast < rows_slow
+    assert fast._converged_at and all(i < 399 for i in fast._converged_at)  # the early stop was taken

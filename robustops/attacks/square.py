@@ -104,6 +104,7 @@ class Square(Attack):
         if x.dim() != 4:
             raise ValueError(f"Square needs images [N, C, H, W], got shape {tuple(x.shape)}")
         n = x.shape[0]
+        self._converged_at = []  # iterations where a restart's search converged (all proposals tried)
         with torch.no_grad():
             success = self.logits(x).argmax(1) != y
             x_adv = x.clone()
@@ -131,7 +132,7 @@ class Square(Attack):
             return torch.zeros(size, dtype=torch.long, device=device)
         return (high * torch.rand(size, generator=self.generator, device=device)).long()
 
-    def _loop(self, x, y, x_best, margin, propose, skip_unchanged: bool = False):
+    def _loop(self, x, y, x_best, margin, propose, skip_unchanged: bool = False, final_from: Optional[int] = None):
         """The random-search loop shared by both norms: ``propose(i, xw, xbw) -> (x_new, key)`` (``x``
         holds per-point data the proposal needs, compacted with the working batch; ``key`` is None or
         ``(stage, code [W] long, n_codes)``: ``code`` names the proposal of each row among the
@@ -148,6 +149,13 @@ class Square(Attack):
           margin and is rejected again: each row remembers the codes it tried since its best last
           changed (``n_codes`` is small for small images: 98 one-pixel proposals on an 8x8 digit,
           where Square spends 80% of its 5,000 iterations) and is not queried on a repeat.
+
+        * from iteration ``final_from`` on the proposal stage no longer changes (``p`` has reached its
+          last value before ``n_queries``); once every row of the working batch has tried every code
+          of that stage (with no acceptance since), every later proposal is a repeat and rejected:
+          the search has converged, and the loop stops after drawing the random numbers the
+          remaining iterations would have drawn (``propose(i, xw, xbw, draw_only=True)``), so the
+          generator ends in the same state.
 
         Skipped rows still count as iterations in ``last_queries`` (the authors' convention:
         queries = iterations per point). Assumes a deterministic model (AutoAttack flags others)."""
@@ -178,7 +186,14 @@ class Square(Attack):
                         tried[rows, code] = True
                 ch = query.nonzero()[:, 0]
                 if ch.numel() == 0:
-                    continue  # nothing can be accepted this iteration
+                    # nothing can be accepted this iteration; converged when every code was tried
+                    if (tried is not None and final_from is not None and i >= final_from
+                            and bool(tried.all())):
+                        for j in range(i + 1, self.n_queries):
+                            propose(j, xw, xbw, draw_only=True)
+                        self._converged_at.append(i)
+                        break
+                    continue
                 if ch.numel() == W:
                     m_ch = _margin(self.logits(x_new), yw)
                 else:
@@ -233,12 +248,17 @@ class Square(Attack):
                 tables[s] = (m.reshape(ph * pw, 1, h, w), ph, pw)
             return tables[s]
 
-        def propose(i, xw, xbw):
-            W = xw.shape[0]
+        def side(i):
             p = p_selection(self.p_init, i, self.n_queries, self.rescale_schedule)
-            s = min(max(int(round(math.sqrt(p * n_features / c))), 1), min(h, w))
+            return min(max(int(round(math.sqrt(p * n_features / c))), 1), min(h, w))
+
+        def propose(i, xw, xbw, draw_only=False):
+            W = xw.shape[0]
+            s = side(i)
             # one draw per point: window corner (as long((h - s) * U), the authors' random_int) and signs
             u = torch.rand(W, 2 + c, generator=self.generator, device=x.device)
+            if draw_only:
+                return None
             vh, vw = (u[:, 0] * (h - s)).long(), (u[:, 1] * (w - s)).long()
             plus = (u[:, 2:] > 0.5).reshape(W, c, 1, 1)
             ph, pw = max(h - s, 1), max(w - s, 1)
@@ -255,7 +275,11 @@ class Square(Attack):
             code = (vh * pw + vw) * sign_codes + (plus.reshape(W, c).long() * sign_bits).sum(1)
             return x_new, (s, code, ph * pw * sign_codes)
 
-        return self._loop(x_pm, y, x_best, margin, propose, skip_unchanged=True)
+        # the first iteration from which the window side stays the same until the end
+        final_from = self.n_queries - 1
+        while final_from > 0 and side(final_from - 1) == side(self.n_queries - 1):
+            final_from -= 1
+        return self._loop(x_pm, y, x_best, margin, propose, skip_unchanged=True, final_from=final_from)
 
     def _run_l2(self, x, y):
         n, c, h, w = x.shape
