@@ -17,7 +17,10 @@ What the algorithm does (Alg. 1), for a budget of ``N_iter`` steps:
 Speed-ups that do not change the verdict of any point (iterates are independent per sample):
 a point leaves the working batch as soon as it is misclassified (its adversarial example is
 kept); APGD-T runs its target classes as one batch (``max_batch`` rows at a time) and drops every
-copy of a point once one target breaks it.
+copy of a point once one target breaks it; one forward-backward pass per step gives the gradient,
+the loss and the logits of the misclassification check; on a CPU that pass runs over the working
+batch in cache-sized pieces (:func:`robustops.attacks._aa.row_slices`: 9 targets x 100 digits go
+as 4 passes of ~230 rows, ~25 % less time per row than one pass of 900).
 """
 from __future__ import annotations
 

@@ -19,7 +19,13 @@ point at distance ``eps / 2`` (untargeted FAB; FAB-T in AutoAttack uses one rest
 A point counts as broken when an adversarial example within ``eps`` was found. With
 ``early_stop=True`` (default, what AutoAttack needs) a point leaves the working batch as soon as
 that happens, which cannot change the verdict; ``early_stop=False`` keeps refining it towards the
-minimal perturbation, as the paper's minimum-norm attack. FAB-T runs its targets as one batch.
+minimal perturbation, as the paper's minimum-norm attack. FAB-T runs its targets as one batch; on
+a CPU each forward(-backward) pass goes over it in cache-sized pieces
+(:func:`robustops.attacks._aa.row_slices`). Each step needs two passes: the linearisation at
+``x_k`` and the check of ``x_{k+1}``; they cannot share one, because an adversarial ``x_{k+1}`` is
+moved back towards ``x_orig`` before the next linearisation, and on robust points that happens at
+almost every step (measured: 97 % of the rows of FAB-T on the benchmark's digits), so a fused pass
+would need a second gradient pass for those rows.
 """
 from __future__ import annotations
 

@@ -8,6 +8,12 @@ to gradient masking): start from vertical stripes of ``+-eps`` (Linf) or a grid 
 halving on the authors' schedule at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000) and
 keep the change when the margin decreases. A point leaves the working batch once misclassified.
 
+Linf queries the model only where the margin can change (same search path as querying every row,
+see :meth:`Square._loop`): not on proposals equal to the current best, not on a proposal a row
+already tried (and rejected) from its current best, and not at all once every row has tried every
+proposal of the last schedule stage. On the 8x8 digits of the benchmark (97 robust points, 5,000
+iterations) this sends 41,595 rows through the model instead of 490,392 for the authors' code.
+
 Linf: each image gets its own window position and per-channel signs ``+-eps`` (Alg. 2 of the
 paper; the AutoAttack code draws one window and one sign vector for the whole batch). L2: the
 window positions are drawn once per iteration for the batch, the signs per image (as the
