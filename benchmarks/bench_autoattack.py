@@ -105,12 +105,15 @@ def run(quick: bool = False) -> list:
         print("pyautoattack not installed: `pip install --no-deps pyautoattack==0.2.0` for the reference rows")
 
     ours_runs, ref_runs = [], []
-    for _ in range(reps):  # interleaved: both see the same machine load
+    for rep in range(reps):  # interleaved: both see the same machine load
         ours_runs.append(_ours(model, x, y, eps, n_queries))
+        line = f"  repetition {rep + 1}/{reps}: robustops {ours_runs[-1][3]:.2f} s"
         if have_ref:
             t0 = time.perf_counter()
             times, acc, robust = _ref_pipeline(model, x, y, eps, n_queries)
             ref_runs.append((times, acc, robust, time.perf_counter() - t0))
+            line += f", reference {ref_runs[-1][3]:.2f} s"
+        print(line, flush=True)
     records = []
     ours = min(ours_runs, key=lambda r: r[3])
     uptime = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else "?"
@@ -141,7 +144,8 @@ def run(quick: bool = False) -> list:
     except ImportError:
         print("torchattacks not installed: no torchattacks row")
     for r in records:
-        extra = {k: r[k] for k in ("robust_accuracy", "reference_robust_accuracy", "same_verdict", "load") if k in r}
+        extra = {k: (round(r[k], 4) if isinstance(r[k], float) else r[k])
+                 for k in ("robust_accuracy", "reference_robust_accuracy", "same_verdict", "load") if k in r}
         print(f"  {r['name']:<22} ours {r['median_s']:.2f} s  ref {r['reference_median_s']:.2f} s  "
               f"speedup {r['speedup']:.2f}x  vs {r['reference']}  {extra}")
     return records

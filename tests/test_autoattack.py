@@ -495,3 +495,45 @@ def test_square_skipping_unchanged_proposals_keeps_the_search_path(monkeypatch):
     assert torch.equal(fast.last_queries, slow.last_queries)
     assert rows_fast < rows_slow
     assert fast._converged_at and all(i < 399 for i in fast._converged_at)  # the early stop was taken
+
+
+def test_forward_passes_in_pieces_do_not_change_the_attacks(digits_model, monkeypatch):
+    """On a CPU APGD and FAB send a large working batch through the model in pieces
+    (``row_slices``); rows do not interact in eval mode, so pieces of 7 rows give the same
+    verdicts and examples as one pass over everything, and the pieces have equal sizes."""
+    from robustops.attacks import _aa
+    model, x, y = digits_model
+    pieces = _aa.row_slices(torch.zeros(270, 1, 8, 8))
+    assert [s.stop - s.start for s in pieces] == [135, 135]
+    assert len(_aa.row_slices(torch.zeros(256, 1, 8, 8))) == 1
+    assert _aa.forward_rows(torch.zeros(5, 3, 32, 32)) == 64
+
+    def attacks():
+        return [APGDT(model, eps=0.1, steps=10, seed=0), FAB(model, eps=0.1, steps=10, seed=0),
+                FAB(model, eps=0.1, steps=10, targeted=False, n_restarts=1, seed=0), APGD(model, eps=0.1, steps=10)]
+
+    atks = attacks()
+    whole = [a(x, y) for a in atks]
+    whole_success = [a.last_success for a in atks]
+    calls = []
+
+    class Count(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, z):
+            calls.append(z.shape[0])
+            return self.m(z)
+
+    monkeypatch.setattr(_aa, "_CPU_MIN_ROWS", 7)
+    monkeypatch.setattr(_aa, "_CPU_ROW_PIXELS", 1)
+    atks = attacks()
+    pieces = [a(x, y) for a in atks]
+    for a, b, sa, atk in zip(whole, pieces, whole_success, atks):
+        # same examples up to the last bits a multi-threaded GEMM may round differently per batch size
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
+        assert torch.equal(sa, atk.last_success)
+    APGDT(Count(model), eps=0.1, steps=2, seed=0)(x, y)
+    # every pass of the attack's steps has <= 7 rows (only the clean-prediction pass sees all points)
+    assert 7 in calls and all(c <= 7 or c == x.shape[0] for c in calls)
