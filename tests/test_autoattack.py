@@ -500,13 +500,16 @@ def test_square_skipping_unchanged_proposals_keeps_the_search_path(monkeypatch):
 def test_forward_passes_in_pieces_do_not_change_the_attacks(digits_model, monkeypatch):
     """On a CPU APGD and FAB send a large working batch through the model in pieces
     (``row_slices``); rows do not interact in eval mode, so pieces of 7 rows give the same
-    verdicts and examples as one pass over everything, and the pieces have equal sizes."""
+    verdicts and examples as one pass over everything, and the pieces have equal sizes (rows per
+    pass grow with the thread count)."""
     from robustops.attacks import _aa
     model, x, y = digits_model
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     pieces = _aa.row_slices(torch.zeros(270, 1, 8, 8))
     assert [s.stop - s.start for s in pieces] == [135, 135]
     assert len(_aa.row_slices(torch.zeros(256, 1, 8, 8))) == 1
-    assert _aa.forward_rows(torch.zeros(5, 3, 32, 32)) == 64
+    assert _aa.forward_rows(torch.zeros(5, 3, 32, 32)) == 128
+    monkeypatch.undo()
 
     def attacks():
         return [APGDT(model, eps=0.1, steps=10, seed=0), FAB(model, eps=0.1, steps=10, seed=0),
@@ -535,5 +538,7 @@ def test_forward_passes_in_pieces_do_not_change_the_attacks(digits_model, monkey
         assert torch.allclose(a, b, rtol=0, atol=1e-5)
         assert torch.equal(sa, atk.last_success)
     APGDT(Count(model), eps=0.1, steps=2, seed=0)(x, y)
-    # every pass of the attack's steps has <= 7 rows (only the clean-prediction pass sees all points)
-    assert 7 in calls and all(c <= 7 or c == x.shape[0] for c in calls)
+    # every pass of the attack's steps has <= 7 rows per thread (only the clean-prediction pass sees
+    # all points)
+    k = 7 * torch.get_num_threads()
+    assert k < x.shape[0] and k in calls and all(c <= k or c == x.shape[0] for c in calls)

@@ -110,8 +110,8 @@ def apgd_checkpoints(n_iter: int) -> List[int]:
     return out
 
 
-# Rows per model call on a CPU (see :func:`forward_rows`).
-_CPU_ROW_PIXELS = 1 << 14
+# Rows per model call and per CPU thread (see :func:`forward_rows`).
+_CPU_ROW_PIXELS = 1 << 13
 _CPU_MIN_ROWS = 64
 
 
@@ -119,17 +119,21 @@ def forward_rows(x: torch.Tensor) -> int:
     """Rows of ``x`` ``[R, ...]`` given to the model per forward(-backward) pass.
 
     On an accelerator all of them. On a CPU one huge pass is slower per row than a few smaller ones
-    (the activations fall out of the caches), and in eval mode rows do not interact, so APGD, FAB and
-    Square split a large working batch (e.g. APGD-T's points x 9 targets) into passes of
-    ``max(64, 16,384 // (H * W))`` rows: 256 digits of 8x8, 64 images of 28x28 or 32x32. Measured
-    on ``small_cnn`` at 8x8, one thread, forward + input-backward of 873 rows per row: 26 / 21 / 22 / 22 /
-    27 / 29 us for passes of 32 / 64 / 128 / 256 / 512 / 873 rows.
+    (the activations fall out of the per-core caches), and in eval mode rows do not interact, so
+    APGD, FAB and Square split a large working batch (e.g. APGD-T's points x 9 targets) into passes
+    of ``max(64, 8,192 // (H * W))`` rows per thread (``torch.get_num_threads()``): 128 digits of
+    8x8 per thread, 64 images of 28x28 or 32x32. Measured on ``small_cnn`` at 8x8 (forward +
+    input-backward per row, 873 rows, one thread): 26 / 21 / 22 / 22 / 27 / 29 us for passes of
+    32 / 64 / 128 / 256 / 512 / 873 rows; FAB-T on 97 points x 9 targets, one thread: 3.5 / 3.8 /
+    3.9 / 4.1 / 4.0 s for 96 / 128 / 192 / 256 / 873 rows, two threads: 2.2 / 2.4 / 2.8 s for
+    256 / 128 / 873 (shared machine, load 2-4: noisy).
     """
     n = x.shape[0]
     if x.device.type != "cpu":
         return max(n, 1)
     plane = math.prod(x.shape[2:]) if x.dim() >= 4 else math.prod(x.shape[1:])
-    return max(1, max(_CPU_MIN_ROWS, _CPU_ROW_PIXELS // max(1, plane)))
+    per_thread = max(_CPU_MIN_ROWS, _CPU_ROW_PIXELS // max(1, plane))
+    return max(1, per_thread * max(1, torch.get_num_threads()))
 
 
 def row_slices(x: torch.Tensor) -> List[slice]:
