@@ -98,6 +98,7 @@ class Square(Attack):
         self.rescale_schedule = bool(rescale_schedule)
         self.last_success: Optional[torch.Tensor] = None
         self.last_queries: Optional[torch.Tensor] = None
+        self._converged_at: list = []  # iterations where a restart's search converged (all proposals tried)
 
     name = "square"
 
@@ -110,7 +111,7 @@ class Square(Attack):
         if x.dim() != 4:
             raise ValueError(f"Square needs images [N, C, H, W], got shape {tuple(x.shape)}")
         n = x.shape[0]
-        self._converged_at = []  # iterations where a restart's search converged (all proposals tried)
+        self._converged_at = []
         with torch.no_grad():
             success = self.logits(x).argmax(1) != y
             x_adv = x.clone()
@@ -154,8 +155,7 @@ class Square(Attack):
           tried (and rejected, else the best would have changed) from the same best gives the same
           margin and is rejected again: each row remembers the codes it tried since its best last
           changed (``n_codes`` is small for small images: 98 one-pixel proposals on an 8x8 digit,
-          where Square spends 80% of its 5,000 iterations) and is not queried on a repeat.
-
+          where Square spends 80% of its 5,000 iterations) and is not queried on a repeat;
         * from iteration ``final_from`` on the proposal stage no longer changes (``p`` has reached its
           last value before ``n_queries``); once every row of the working batch has tried every code
           of that stage (with no acceptance since), every later proposal is a repeat and rejected:
