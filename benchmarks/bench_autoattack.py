@@ -19,12 +19,14 @@ points with the same verdict. ``--quick`` uses 60 points and Square with 1,000 q
 is bit-identical in every process (seeded initialisation, trained on one thread), so verdicts are
 comparable between runs. Record the machine's ``uptime`` load next to the figures.
 
-Measured (branch ``aaspeed2``, shared 2-core machine, load average 3.2, 2 threads, min of 3, full
-setting): robustops 4.10 s vs the authors' 11.51 s (2.81x; APGD-CE 0.16 / 0.30 s, APGD-T 1.10 /
-1.84 s, FAB-T 1.89 / 4.71 s, Square 0.94 / 4.66 s), robust accuracy 48.5 % vs 49.0 %, same verdict
-on 199/200 points; torchattacks' AutoAttack (its own settings) 5.07 s. On one thread (load 1.5):
-7.30 s vs 14.32 s (1.96x). Two-thread figures on a loaded machine are erratic (one FAB-T run took
-3-140 s); re-measure idle.
+Measured (branch ``aaspeed2``, shared 2-core machine with the other helpers idle: load average 0.1
+before, 1.2 during the run; 2 threads, min of 3, full setting): robustops 4.14 s vs the authors'
+10.41 s (2.51x; APGD-CE 0.17 / 0.28 s, APGD-T 1.16 / 1.67 s, FAB-T 1.90 / 4.05 s, Square 0.92 /
+4.40 s), robust accuracy 48.5 % vs 49.0 %, same verdict on 199/200 points; torchattacks' AutoAttack
+(its own settings) 5.01 s. The code before this branch, same model and load: 7.25 s vs 10.20 s
+(1.41x). At load 3.2: 4.10 s vs 11.51 s (2.81x); ``--quick`` at load 3.75: 1.61 s vs 3.78 s (2.34x,
+60/60 same verdict). Two-thread figures on a loaded machine are erratic (one FAB-T run took 3-140 s
+at load ~4); re-measure idle.
 """
 from __future__ import annotations
 
