@@ -459,8 +459,10 @@ def test_versions_use_the_authors_settings():
 
 
 def test_square_skipping_unchanged_proposals_keeps_the_search_path(monkeypatch):
-    """Square Linf queries the model only on rows whose proposal changed; forcing a query of every
-    row must give bit-identical examples, successes and query counts, with more rows forwarded."""
+    """Square Linf queries the model only on rows whose proposal changed and was not tried from the
+    same best, and stops once every proposal of the last stage was tried; forcing a query of every
+    row at every iteration must give bit-identical examples, successes and query counts (over two
+    restarts: the second one continues the random stream of the first), with more rows forwarded."""
     model, x, y, dmin = _linear_case("Linf")
     eps = float(dmin.median())
     counted = []
@@ -475,20 +477,68 @@ def test_square_skipping_unchanged_proposals_keeps_the_search_path(monkeypatch):
             return self.m(z)
 
     net = Count(model)
-    fast = Square(net, norm="Linf", eps=eps, n_queries=400, seed=0)
+    fast = Square(net, norm="Linf", eps=eps, n_queries=400, n_restarts=2, seed=0)
     xa = fast(x, y)
     rows_fast = sum(counted)
     counted.clear()
     orig = Square._loop
 
-    def no_skip(self, *a, skip_unchanged=False):
+    def no_skip(self, *a, skip_unchanged=False, final_from=None):
         return orig(self, *a, skip_unchanged=False)
 
     monkeypatch.setattr(Square, "_loop", no_skip)
-    slow = Square(net, norm="Linf", eps=eps, n_queries=400, seed=0)
+    slow = Square(net, norm="Linf", eps=eps, n_queries=400, n_restarts=2, seed=0)
     xb = slow(x, y)
     rows_slow = sum(counted)
     assert torch.equal(xa, xb)
     assert torch.equal(fast.last_success, slow.last_success)
     assert torch.equal(fast.last_queries, slow.last_queries)
     assert rows_fast < rows_slow
+    assert fast._converged_at and all(i < 399 for i in fast._converged_at)  # the early stop was taken
+
+
+def test_forward_passes_in_pieces_do_not_change_the_attacks(digits_model, monkeypatch):
+    """On a CPU APGD and FAB send a large working batch through the model in pieces
+    (``row_slices``); rows do not interact in eval mode, so pieces of 7 rows give the same
+    verdicts and examples as one pass over everything, and the pieces have equal sizes (rows per
+    pass grow with the thread count)."""
+    from robustops.attacks import _aa
+    model, x, y = digits_model
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    pieces = _aa.row_slices(torch.zeros(270, 1, 8, 8))
+    assert [s.stop - s.start for s in pieces] == [135, 135]
+    assert len(_aa.row_slices(torch.zeros(256, 1, 8, 8))) == 1
+    assert _aa.forward_rows(torch.zeros(5, 3, 32, 32)) == 128
+    monkeypatch.undo()
+
+    def attacks():
+        return [APGDT(model, eps=0.1, steps=10, seed=0), FAB(model, eps=0.1, steps=10, seed=0),
+                FAB(model, eps=0.1, steps=10, targeted=False, n_restarts=1, seed=0), APGD(model, eps=0.1, steps=10)]
+
+    atks = attacks()
+    whole = [a(x, y) for a in atks]
+    whole_success = [a.last_success for a in atks]
+    calls = []
+
+    class Count(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, z):
+            calls.append(z.shape[0])
+            return self.m(z)
+
+    monkeypatch.setattr(_aa, "_CPU_MIN_ROWS", 7)
+    monkeypatch.setattr(_aa, "_CPU_ROW_PIXELS", 1)
+    atks = attacks()
+    pieces = [a(x, y) for a in atks]
+    for a, b, sa, atk in zip(whole, pieces, whole_success, atks):
+        # same examples up to the last bits a multi-threaded GEMM may round differently per batch size
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
+        assert torch.equal(sa, atk.last_success)
+    APGDT(Count(model), eps=0.1, steps=2, seed=0)(x, y)
+    # every pass of the attack's steps has <= 7 rows per thread (only the clean-prediction pass sees
+    # all points)
+    k = 7 * torch.get_num_threads()
+    assert k < x.shape[0] and k in calls and all(c <= k or c == x.shape[0] for c in calls)

@@ -17,7 +17,10 @@ What the algorithm does (Alg. 1), for a budget of ``N_iter`` steps:
 Speed-ups that do not change the verdict of any point (iterates are independent per sample):
 a point leaves the working batch as soon as it is misclassified (its adversarial example is
 kept); APGD-T runs its target classes as one batch (``max_batch`` rows at a time) and drops every
-copy of a point once one target breaks it.
+copy of a point once one target breaks it; one forward-backward pass per step gives the gradient,
+the loss and the logits of the misclassification check; on a CPU that pass runs over the working
+batch in cache-sized pieces (:func:`robustops.attacks._aa.row_slices`: on two threads 9 targets x
+103 digits go as 4 passes of ~232 rows, ~25 % less time per row than one pass of 927).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from torch import nn
 
 from ..ops import apgd_step
 from ._aa import (apgd_checkpoints, check_eps, check_norm, check_pos_int, check_targets, check_unit, dlr_loss,
-                  dlr_loss_targeted, lp_norm)
+                  dlr_loss_targeted, lp_norm, row_slices)
 from .base import Attack
 
 __all__ = ["APGD", "APGDT", "apgd_run"]
@@ -82,7 +85,7 @@ def apgd_run(forward: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, 
             return dlr_loss(logits, yy)
         return dlr_loss_targeted(logits, yy, tt)
 
-    def grad_at(xa, yy, tt):
+    def grad_at_rows(xa, yy, tt):
         g = None
         for _ in range(eot_iter):
             xr = xa.detach().requires_grad_(True)
@@ -94,6 +97,14 @@ def apgd_run(forward: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, 
         if eot_iter > 1:
             g = g / eot_iter
         return g.detach(), logits.detach(), li.detach()
+
+    def grad_at(xa, yy, tt):
+        """Loss gradient, logits and loss at ``xa``, in the passes of :func:`row_slices`."""
+        parts = row_slices(xa)
+        if len(parts) == 1:
+            return grad_at_rows(xa, yy, tt)
+        out = [grad_at_rows(xa[sl], yy[sl], None if tt is None else tt[sl]) for sl in parts]
+        return tuple(torch.cat(p) for p in zip(*out))
 
     idx = torch.arange(R, device=x0.device)
     xw, yw = x0, y

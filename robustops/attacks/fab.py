@@ -19,7 +19,13 @@ point at distance ``eps / 2`` (untargeted FAB; FAB-T in AutoAttack uses one rest
 A point counts as broken when an adversarial example within ``eps`` was found. With
 ``early_stop=True`` (default, what AutoAttack needs) a point leaves the working batch as soon as
 that happens, which cannot change the verdict; ``early_stop=False`` keeps refining it towards the
-minimal perturbation, as the paper's minimum-norm attack. FAB-T runs its targets as one batch.
+minimal perturbation, as the paper's minimum-norm attack. FAB-T runs its targets as one batch; on
+a CPU each forward(-backward) pass goes over it in cache-sized pieces
+(:func:`robustops.attacks._aa.row_slices`). Each step needs two passes: the linearisation at
+``x_k`` and the check of ``x_{k+1}``; they cannot share one, because an adversarial ``x_{k+1}`` is
+moved back towards ``x_orig`` before the next linearisation, and on robust points that happens at
+almost every step (measured: 97 % of the rows of FAB-T on the benchmark's digits), so a fused pass
+would need a second gradient pass for those rows.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ import torch
 from torch import nn
 
 from ..ops import fab_projection
-from ._aa import check_eps, check_norm, check_pos_int, check_targets, check_unit, lp_norm
+from ._aa import (check_eps, check_norm, check_pos_int, check_targets, check_unit, chunked_logits, lp_norm,
+                  row_slices)
 from .base import Attack
 
 __all__ = ["FAB", "fab_run"]
@@ -37,7 +44,17 @@ __all__ = ["FAB", "fab_run"]
 
 def _class_gradients(forward, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], norm: str):
     """``(df [R], dg [R, ...], logits)``: the value and gradient of ``f_s - f_y`` at ``x`` for the
-    hyperplane FAB projects on (the target, or the closest class in the dual norm)."""
+    hyperplane FAB projects on (the target, or the closest class in the dual norm); computed in
+    the passes of :func:`row_slices`."""
+    parts = row_slices(x)
+    if len(parts) == 1:
+        return _class_gradients_rows(forward, x, y, target, norm)
+    out = [_class_gradients_rows(forward, x[sl], y[sl], None if target is None else target[sl], norm)
+           for sl in parts]
+    return tuple(torch.cat(p) for p in zip(*out))
+
+
+def _class_gradients_rows(forward, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], norm: str):
     xr = x.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = forward(xr)
@@ -104,7 +121,7 @@ def fab_run(forward: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y
         d1, d2 = d3[:W].reshape(x1.shape), d3[W:].reshape(x1.shape)
         x1 = ((x1 + eta * d1) * (1 - alpha) + (xw + d2 * eta) * alpha).clamp(lo, hi)
         with torch.no_grad():
-            is_adv = forward(x1).argmax(1) != yw
+            is_adv = chunked_logits(forward, x1).argmax(1) != yw
         if bool(is_adv.any()):
             t = lp_norm(x1 - xw, norm)
             closer = is_adv & (t < res)
