@@ -523,7 +523,7 @@ class _TreeTables:
         xt = _gather_inputs(x, self.cols, rows)              # [k, n]
         n, t = xt.shape[1], self.n_trees
         bins = torch.searchsorted(self.cuts, xt)            # [k, n]: group bins
-        cell = self.bin_map.take(self.base + bins[:, None, :]).sum(0)              # [T, n]
+        cell = self.bin_map.index_select(0, (self.base + bins[:, None, :]).view(-1)).view(-1, t, n).sum(0)  # [T, n]
         return _tree_sum(self.table, cell.reshape(-1), t, n, column)
 
 
@@ -611,18 +611,16 @@ class _TreeMasks:
         k, n = xt.shape
         t, w = self.n_trees, self.words
         bins = torch.searchsorted(self.cuts, xt)            # [k, n]: group bins
-        tb = self.bin_map.index_select(0, (bins + self.row_off).reshape(-1)).view(k, n, t)
-        idx = tb.to(torch.int64).add_(self.base).view(-1)    # [k * n * T] rows of the masks
-        if w == 1:
-            m = self.masks.index_select(0, idx).view(k, n, t, 1)
-        else:                                                # word pairs moved as complex128 (a bit copy)
-            pairs = self.masks.view(torch.complex128)
-            if w > 2:
-                pairs = pairs.view(-1, w // 2)
-            m = pairs.index_select(0, idx).view(torch.int64).view(k, n, t, w)
-        acc = m[0].clone()
-        for f in range(1, k):
-            acc.bitwise_and_(m[f])                           # [n, T, words]: one bit in one word
+        sel = bins + self.row_off                            # [k, n] rows of the bin map
+        pairs = self.masks if w == 1 else self.masks.view(torch.complex128)   # word pairs: a bit copy
+        if w > 2:
+            pairs = pairs.view(-1, w // 2)
+        acc = None
+        for f in range(k):                                   # input by input: small temporaries
+            idx = torch.add(self.base[f], self.bin_map.index_select(0, sel[f])).view(-1)   # uint8 + int64
+            m = pairs.index_select(0, idx)
+            m = (m if w == 1 else m.view(torch.int64)).view(n, t, w)
+            acc = m if acc is None else acc.bitwise_and_(m)  # [n, T, words]: one bit in one word
         # the bit's position p + 63 * word: 2^p (p <= 62) is exact in float64, and so is its
         # product with 2^(63 * word); exactly one word is non-zero, so the sum is exact too and
         # its exponent field (bits >> 52) is 1023 + p + 63 * word (folded into leaf_base)
