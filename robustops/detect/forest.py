@@ -274,7 +274,7 @@ class _RawArrays:
 def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells: int, max_table_work: int,
              max_tree_cells: int, max_count_cells: int, max_mask_bytes: int = 0):
     """One group: resolve splits on inputs outside ``inputs`` (value 0), keep the reachable nodes,
-    and build a table (small threshold grid) or a walk."""
+    and build a table (small threshold grid), per-tree tables, per-tree leaf masks or a walk."""
     n = raw.feature.shape[0]
     ids = np.arange(n)
     mine = np.zeros(n, bool)
@@ -538,9 +538,9 @@ class _TreeMasks:
     group-bin -> tree-bin map (rows of T small integers), one gather of the masks (word pairs
     moved as complex128, a plain bit copy), the AND over the inputs, the bit's position read
     from the float64 exponent of ``2^p`` (exact), then the trees' leaf values summed in tree
-    order (as the walk does), so the result is bit for bit the walk's and scikit-learn's. Memory: the bin map ``[k, cuts+1,
-    T]`` (uint8 when every tree cuts an input fewer than 255 times, else int16) and the masks
-    ``[k, T, bins, words]`` int64 (:meth:`nbytes`)."""
+    order (as the walk does), so the result is bit for bit the walk's and scikit-learn's.
+    Memory: the bin map ``[k, cuts+1, T]`` (uint8 when every tree cuts an input fewer than 255
+    times, else int16) and the masks ``[k, T, bins, words]`` int64 (:meth:`nbytes`)."""
 
     @staticmethod
     def _map_dtype(cut: dict):
