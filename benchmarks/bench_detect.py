@@ -4,8 +4,8 @@
   MNIST net, 256 digits upsampled to 28x28, forest of 200 trees, mu=10 (shared, with label).
   Broken down into: the forward with hooks that do no work (hook dispatch), the forward with
   the per-channel norms + normalisation (``features_and_logits``), and the forest on the
-  selected features (``score_features``; with the label every class is a table or per-tree
-  tables, see ``robustops/detect/forest.py``). For reference the same forest size without the
+  selected features (``score_features``; with the label every class is a table, per-tree
+  tables or per-tree leaf masks, see ``robustops/detect/forest.py``). For reference the same forest size without the
   label (a level-by-level walk over all class blocks). Goal: ratio <= 1.10.
 * ``mu_lasso`` (spectral projected gradient, all classes at once) on m = 3,000 neurons, N =
   10,000 samples, C = 10 (float32, non-negative unit-norm features like the detector's) vs

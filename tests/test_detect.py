@@ -239,10 +239,10 @@ def test_tensor_forest_equals_sklearn_exactly():
         assert torch.equal(back.predict_proba(torch.from_numpy(Xt)), p)
 
 
-@pytest.mark.parametrize("kind", ["table", "tree_tables", "walk"])
+@pytest.mark.parametrize("kind", ["table", "tree_tables", "tree_masks", "walk"])
 def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
     """specialize(columns, blocks): each sample read as if the inputs of other groups were 0
-    (the detector's with-label design), from a wider matrix, in all three evaluation forms."""
+    (the detector's with-label design), from a wider matrix, in all four evaluation forms."""
     from sklearn.ensemble import RandomForestClassifier
     rng = np.random.default_rng(1)
     g, width = 4, 30
@@ -254,7 +254,8 @@ def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
     z = wide[:, columns.numpy()] * (blocks.numpy()[None, :] == grp[:, None])
     y = (z.sum(1) + 0.3 * rng.normal(size=600) > 0.9).astype(int)
     rf = RandomForestClassifier(n_estimators=30, random_state=0).fit(z[:400], y[:400])
-    caps = {"table": {}, "tree_tables": {"max_cells": 1}, "walk": {"max_cells": 1, "max_tree_cells": 1}}[kind]
+    caps = {"table": {}, "tree_tables": {"max_cells": 1}, "tree_masks": {"max_cells": 1, "max_tree_cells": 1},
+            "walk": {"max_cells": 1, "max_tree_cells": 1, "max_mask_bytes": 0}}[kind]
     sp = TensorForest.from_sklearn(rf).specialize(columns, blocks, g, **caps)
     assert kind in sp.kinds() and (kind != "walk" or set(sp.kinds()) == {"walk"})
     ref = rf.predict_proba(z)
@@ -271,6 +272,31 @@ def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
         sp.predict_proba(x[:3], torch.tensor([0, 1, g]))
     with pytest.raises(ValueError, match="blocks"):                    # inputs of a group that would be ignored
         TensorForest.from_sklearn(rf).specialize(columns, blocks, g - 1)
+
+
+def test_thousand_trees_with_many_thresholds_use_leaf_masks_exactly():
+    """The detector's default size: 1000 fully grown trees on inputs with thousands of distinct
+    thresholds (too many cells for tables, trees with more than 63 leaves: several mask words,
+    an odd count padded) are evaluated by per-tree leaf masks, bit for bit scikit-learn's."""
+    from sklearn.ensemble import RandomForestClassifier
+    rng = np.random.default_rng(5)
+    g, width, n = 3, 12, 900
+    columns = torch.from_numpy(rng.choice(width, 7, replace=False))
+    blocks = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    wide = rng.random((n + 300, width)).astype(np.float32)
+    grp = rng.choice(g, n + 300, p=[0.8, 0.1, 0.1])        # group 0: trees with > 126 leaves
+    z = wide[:, columns.numpy()] * (blocks.numpy()[None, :] == grp[:, None])
+    y = (z.sum(1) + 0.4 * rng.normal(size=n + 300) > 0.6).astype(int) + (z[:, 0] > 0.7)   # 3 classes, noisy
+    rf = RandomForestClassifier(n_estimators=1000, random_state=0).fit(z[:n], y[:n])
+    sp = TensorForest.from_sklearn(rf).specialize(columns, blocks, g)
+    assert sp.kinds()[0] == "tree_masks"
+    assert sp.groups[0].words >= 4                           # 3+ words per tree (> 126 leaves), padded to even
+    ref = rf.predict_proba(z)
+    x, gr = torch.from_numpy(wide), torch.from_numpy(grp)
+    assert np.array_equal(sp.predict_proba(x, gr).numpy(), ref)
+    assert np.array_equal(sp.predict_proba(x, gr, column=2).numpy(), ref[:, 2])
+    one = torch.cat([sp.predict_proba(x[i:i + 1], gr[i:i + 1], column=1) for i in range(5)])
+    assert np.array_equal(one.numpy(), ref[:5, 1])
 
 
 def test_table_by_counts_for_pure_leaves_only():

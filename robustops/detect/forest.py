@@ -16,6 +16,11 @@ forms, chosen per *group* of samples:
   the grid of that tree's own cuts, holding its leaf value. An input's bin among the group's
   cuts maps to its bin in every tree through a precomputed map: one ``searchsorted``, one
   gather for all trees and inputs, one gather of the values, then the sum over trees.
+* **Per-tree leaf masks** (many cuts per input, few inputs): each tree's leaves are boxes of
+  its own bins; per tree, input and bin a bit mask of the leaves whose box spans the bin. The
+  AND of an input's masks over the inputs leaves one bit: its leaf (QuickScorer's bit vectors,
+  on boxes). Costs a map from the group's bins to every tree's bins (uint8) -- tens of MB for
+  the detector's 1000-tree default (``MAX_MASK_BYTES`` per group) -- and no per-level work.
 * **Walk** (any forest): every tree for every sample at once, one level per step. Node ids are
   doubled so a child is found as ``child[2 n + (x[f_n] <= t_n)]`` (one gather, no branch);
   every other level the (tree, sample) pairs already at a leaf are dropped once they are a large
@@ -57,6 +62,12 @@ MAX_TREE_CELLS = 1 << 20
 #: difference arrays (2^k corners per leaf box) instead of painting every tree's grid.
 MAX_COUNT_CELLS = 1 << 18
 MAX_COUNT_INPUTS = 4
+#: largest memory (bytes) of one group's per-tree leaf masks (:class:`_TreeMasks`: a map from the
+#: group's bins to every tree's bins, uint8 / int16, plus the masks). The detector's 1000-tree
+#: forests need ~5-50 MB per class with many thresholds; 0 disables the form.
+MAX_MASK_BYTES = 1 << 26
+#: most 63-bit mask words per tree (leaves <= 63 x this; bounded by float64's exponent range).
+MAX_MASK_WORDS = 14
 
 
 def _f32_floor(t: np.ndarray) -> np.ndarray:
@@ -158,7 +169,7 @@ class TensorForest:
 
     def specialize(self, columns: torch.Tensor, blocks: Optional[torch.Tensor] = None, num_groups: Optional[int] = None,
                    max_cells: int = MAX_CELLS, max_table_work: int = MAX_TABLE_WORK,
-                   max_tree_cells: int = MAX_TREE_CELLS) -> "SpecializedForest":
+                   max_tree_cells: int = MAX_TREE_CELLS, max_mask_bytes: int = MAX_MASK_BYTES) -> "SpecializedForest":
         """Compile the forest for inputs read from columns of a wider matrix, optionally by group.
 
         Args:
@@ -171,7 +182,9 @@ class TensorForest:
             max_cells / max_table_work / max_tree_cells: how each group is evaluated (all exact):
                 a group whose threshold grid has at most ``max_cells`` cells (and ``cells x trees
                 <= max_table_work``) becomes one table; else, when the trees' own grids total at
-                most ``max_tree_cells`` cells, one table per tree; else a level-by-level walk.
+                most ``max_tree_cells`` cells, one table per tree; else, when the per-tree bin map
+                and leaf masks take at most ``max_mask_bytes`` bytes, per-tree leaf bit masks
+                (:class:`_TreeMasks`); else a level-by-level walk.
         """
         columns = torch.as_tensor(columns, dtype=torch.int64).cpu()
         n_in = self.n_inputs
@@ -179,7 +192,7 @@ class TensorForest:
             raise ValueError(f"columns must be [F] with F >= {n_in} (the forest's inputs), "
                              f"got {tuple(columns.shape)}")
         raw = _RawArrays(self)
-        caps = (max(max_cells, 1), max_table_work, max_tree_cells, min(max_cells, MAX_COUNT_CELLS))
+        caps = (max(max_cells, 1), max_table_work, max_tree_cells, min(max_cells, MAX_COUNT_CELLS), max_mask_bytes)
         if blocks is None:
             grouped = [_compile(raw, np.ones(columns.numel(), bool), columns.numpy(), *caps)]
         else:
@@ -259,9 +272,9 @@ class _RawArrays:
 
 
 def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells: int, max_table_work: int,
-             max_tree_cells: int, max_count_cells: int):
+             max_tree_cells: int, max_count_cells: int, max_mask_bytes: int = 0):
     """One group: resolve splits on inputs outside ``inputs`` (value 0), keep the reachable nodes,
-    and build a table (small threshold grid) or a walk."""
+    and build a table (small threshold grid), per-tree tables, per-tree leaf masks or a walk."""
     n = raw.feature.shape[0]
     ids = np.arange(n)
     mine = np.zeros(n, bool)
@@ -315,6 +328,8 @@ def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells
     bin_map = used.size * raw.n_trees * (max([c.size for c in cuts], default=0) + 1)
     if tree_cells <= max_tree_cells and bin_map <= max_tree_cells:
         return _TreeTables(node, cols, cut, cuts)
+    if max_mask_bytes > 0 and _TreeMasks.nbytes(node, cut, cuts) <= max_mask_bytes:
+        return _TreeMasks(node, cols, cut, cuts)
     return (node, cols)                                      # a walk, merged with the others
 
 
@@ -508,8 +523,113 @@ class _TreeTables:
         xt = _gather_inputs(x, self.cols, rows)              # [k, n]
         n, t = xt.shape[1], self.n_trees
         bins = torch.searchsorted(self.cuts, xt)            # [k, n]: group bins
-        cell = self.bin_map.take(self.base + bins[:, None, :]).sum(0)              # [T, n]
+        cell = self.bin_map.index_select(0, (self.base + bins[:, None, :]).view(-1)).view(-1, t, n).sum(0)  # [T, n]
         return _tree_sum(self.table, cell.reshape(-1), t, n, column)
+
+
+class _TreeMasks:
+    """Per-tree leaf bit masks (the bit-vector idea of QuickScorer, Lucchese et al., SIGIR 2015,
+    on boxes): a tree's leaves are boxes of its own bins that partition its grid, so the leaf an
+    input reaches is the one leaf whose box contains the input's bin on every input. Per tree,
+    input and bin the set of leaves whose box spans that bin is a bit mask (63 leaves per int64
+    word); the AND of the masks over the inputs has exactly one bit set: the leaf.
+
+    Predicting: one ``searchsorted`` of the inputs among the group's cuts, one row gather of the
+    group-bin -> tree-bin map (rows of T small integers), one gather of the masks (word pairs
+    moved as complex128, a plain bit copy), the AND over the inputs, the bit's position read
+    from the float64 exponent of ``2^p`` (exact), then the trees' leaf values summed in tree
+    order (as the walk does), so the result is bit for bit the walk's and scikit-learn's.
+    Memory: the bin map ``[k, cuts+1, T]`` (uint8 when every tree cuts an input fewer than 255
+    times, else int16) and the masks ``[k, T, bins, words]`` int64 (:meth:`nbytes`)."""
+
+    @staticmethod
+    def _map_dtype(cut: dict):
+        return np.uint8 if int(cut["dims"].max(initial=1)) <= 255 else np.int16
+
+    @staticmethod
+    def nbytes(node, cut: dict, gcuts: List[np.ndarray]) -> float:
+        t, k = cut["dims"].shape
+        if k == 0 or int(cut["dims"].max()) > 32767:
+            return float("inf")
+        width = max(c.size for c in gcuts) + 1
+        leaves = np.bincount(node["tree"][~node["internal"]], minlength=t)
+        words = max(1, -(-int(leaves.max()) // 63))
+        if words > MAX_MASK_WORDS:
+            return float("inf")
+        words += words % 2 if words > 1 else 0
+        return (float(k) * width * t * np.dtype(_TreeMasks._map_dtype(cut)).itemsize
+                + float(k) * t * int(cut["dims"].max()) * words * 8)
+
+    def __init__(self, node, cols: torch.Tensor, cut: dict, gcuts: List[np.ndarray]):
+        t, k = node["roots"].size, cut["dims"].shape[1]
+        dims = cut["dims"]
+        leaf, ltree, lo, hi = _leaf_boxes(node, cut["rank"], dims)
+        ok = np.all(hi > lo, axis=1)                         # empty boxes: leaves no input reaches
+        leaf, ltree, lo, hi = leaf[ok], ltree[ok], lo[ok], hi[ok]
+        start = np.searchsorted(ltree, np.arange(t + 1))
+        pos = np.arange(leaf.size) - start[ltree]
+        words = max(1, -(-int(np.diff(start).max()) // 63))     # <= MAX_MASK_WORDS (nbytes)
+        maxb = int(dims.max())
+        word, bit = pos // 63, np.left_shift(np.int64(1), (pos % 63).astype(np.int64))
+        masks = np.zeros((k, t, maxb + 1, words), np.int64)
+        for f in range(k):                                   # +bit where the box starts, -bit past its end
+            np.add.at(masks[f], (ltree, lo[:, f], word), bit)
+            np.subtract.at(masks[f], (ltree, hi[:, f], word), bit)
+        masks = np.cumsum(masks, axis=2)[:, :, :maxb]        # distinct bits: the sums are ORs
+        width = max(c.size for c in gcuts) + 1
+        grank = np.zeros(cut["d_thr"].size, np.int64)
+        for f, c in enumerate(gcuts):
+            sel = cut["d_feat"] == f
+            grank[sel] = np.searchsorted(c, cut["d_thr"][sel])
+        dt = self._map_dtype(cut)
+        bin_map = np.empty((k, width, t), dt)
+        for f in range(k):                                   # tree bin = #{tree's cuts of group rank < b}
+            cnt = np.zeros((width, t), np.int32)
+            sel = cut["d_feat"] == f
+            cnt[grank[sel] + 1, cut["d_tree"][sel]] = 1
+            bin_map[f] = np.cumsum(cnt, axis=0)
+        self.bin_map = torch.from_numpy(bin_map.reshape(k * width, t))
+        self.row_off = torch.from_numpy((np.arange(k, dtype=np.int64) * width)[:, None])
+        self.base = torch.from_numpy(((np.arange(k, dtype=np.int64)[:, None] * t + np.arange(t)) * maxb)
+                                     .reshape(k, 1, t))
+        if words > 1 and words % 2:                          # even: gathered as complex128 pairs
+            masks = np.concatenate([masks, np.zeros(masks.shape[:-1] + (1,), np.int64)], axis=-1)
+            words += 1
+        self.masks = torch.from_numpy(np.ascontiguousarray(masks.reshape(-1)))   # (input, tree, bin, word)
+        self.leaf_base = torch.from_numpy(start[:-1].astype(np.int64) - 1023)  # minus the float64 exponent bias
+        self.value = torch.from_numpy(np.ascontiguousarray(node["value"][leaf].T))      # [C, leaves]
+        self.cuts = torch.from_numpy(_padded_cuts(gcuts, width - 1))
+        self.cols = cols
+        self.words = words
+        self.n_trees = t
+
+    def to(self, device) -> "_TreeMasks":
+        return _to(self, device)
+
+    def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int]) -> torch.Tensor:
+        xt = _gather_inputs(x, self.cols, rows)              # [k, n]
+        k, n = xt.shape
+        t, w = self.n_trees, self.words
+        bins = torch.searchsorted(self.cuts, xt)            # [k, n]: group bins
+        sel = bins + self.row_off                            # [k, n] rows of the bin map
+        pairs = self.masks if w == 1 else self.masks.view(torch.complex128)   # word pairs: a bit copy
+        if w > 2:
+            pairs = pairs.view(-1, w // 2)
+        acc = None
+        for f in range(k):                                   # input by input: small temporaries
+            idx = torch.add(self.base[f], self.bin_map.index_select(0, sel[f])).view(-1)   # uint8 + int64
+            m = pairs.index_select(0, idx)
+            m = (m if w == 1 else m.view(torch.int64)).view(n, t, w)
+            acc = m if acc is None else acc.bitwise_and_(m)  # [n, T, words]: one bit in one word
+        # the bit's position p + 63 * word: 2^p (p <= 62) is exact in float64, and so is its
+        # product with 2^(63 * word); exactly one word is non-zero, so the sum is exact too and
+        # its exponent field (bits >> 52) is 1023 + p + 63 * word (folded into leaf_base)
+        v = acc[..., 0].to(torch.float64)
+        for word in range(1, w):
+            v.add_(acc[..., word].to(torch.float64), alpha=2.0 ** (63 * word))
+        leaf = v.view(torch.int64) >> 52
+        gid = leaf.add_(self.leaf_base).t().contiguous().view(-1)    # tree-major
+        return _tree_sum(self.value, gid, t, n, column)
 
 
 class _Walk:
@@ -609,8 +729,9 @@ class SpecializedForest:
         return out
 
     def kinds(self) -> List[str]:
-        """How each group is evaluated: ``"table"``, ``"tree_tables"`` or ``"walk"``."""
-        return ["walk" if g is None else {_Table: "table", _TreeTables: "tree_tables"}[type(g)] for g in self.groups]
+        """How each group is evaluated: ``"table"``, ``"tree_tables"``, ``"tree_masks"`` or ``"walk"``."""
+        kind = {_Table: "table", _TreeTables: "tree_tables", _TreeMasks: "tree_masks"}
+        return ["walk" if g is None else kind[type(g)] for g in self.groups]
 
     def predict_proba(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None,
                       column: Optional[int] = None) -> torch.Tensor:
