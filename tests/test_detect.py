@@ -369,7 +369,7 @@ def test_relevant_detector_detects_fgsm_and_model_unchanged(digits, adv):
 def test_score_predict_consistent_and_deterministic(fitted, digits, adv):
     model, xtr, ytr, xte, yte = digits
     s = fitted.score(xte)
-    assert s.shape == (xte.shape[0],) and s.dtype == torch.float32
+    assert s.shape == (xte.shape[0],) and s.dtype == torch.float64
     assert bool(((s >= 0) & (s <= 1)).all())
     assert torch.equal(fitted.predict(xte), s > 0.5)
     assert fitted.predict(xte).dtype == torch.bool
@@ -377,7 +377,7 @@ def test_score_predict_consistent_and_deterministic(fitted, digits, adv):
     feats, logits = fitted.features_and_logits(xte)
     z = fitted._design(feats, logits.argmax(1)).numpy()
     proba = fitted.classifier_.predict_proba(z)[:, 1]
-    assert torch.equal(s, torch.from_numpy(proba).float())                 # exact (then cast to float32)
+    assert torch.equal(s, torch.from_numpy(proba))                         # exact, float64 as sklearn
     assert np.array_equal(fitted.predict(xte).numpy(), fitted.classifier_.predict(z) == 1)
     # batched == whole, DataLoader == tensor
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xte, yte), batch_size=37)

@@ -145,12 +145,16 @@ def row_slices(x: torch.Tensor) -> List[slice]:
     return [slice(s, min(s + size, n)) for s in range(0, n, size)] or [slice(0, 0)]
 
 
-def chunked_logits(forward, x: torch.Tensor) -> torch.Tensor:
-    """``forward(x)`` (logits ``[R, C]``) in the passes of :func:`row_slices`."""
+def in_row_passes(fn, x: torch.Tensor, *per_row):
+    """``fn(x, *per_row)`` in the passes of :func:`row_slices`: each tensor of ``per_row`` (or None)
+    is sliced with ``x``; the results (a tensor or a tuple of tensors, rows first) are concatenated."""
     parts = row_slices(x)
     if len(parts) == 1:
-        return forward(x)
-    return torch.cat([forward(x[sl]) for sl in parts])
+        return fn(x, *per_row)
+    outs = [fn(x[sl], *(None if a is None else a[sl] for a in per_row)) for sl in parts]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(p) for p in zip(*outs))
+    return torch.cat(outs)
 
 
 def chunk_seed(seed, index: int):

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..ops import apgd_step
 from ._aa import (apgd_checkpoints, check_eps, check_norm, check_pos_int, check_targets, check_unit, dlr_loss,
-                  dlr_loss_targeted, lp_norm, row_slices)
+                  dlr_loss_targeted, in_row_passes, lp_norm)
 from .base import Attack
 
 __all__ = ["APGD", "APGDT", "apgd_run"]
@@ -100,11 +100,7 @@ def apgd_run(forward: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, 
 
     def grad_at(xa, yy, tt):
         """Loss gradient, logits and loss at ``xa``, in the passes of :func:`row_slices`."""
-        parts = row_slices(xa)
-        if len(parts) == 1:
-            return grad_at_rows(xa, yy, tt)
-        out = [grad_at_rows(xa[sl], yy[sl], None if tt is None else tt[sl]) for sl in parts]
-        return tuple(torch.cat(p) for p in zip(*out))
+        return in_row_passes(grad_at_rows, xa, yy, tt)
 
     idx = torch.arange(R, device=x0.device)
     xw, yw = x0, y

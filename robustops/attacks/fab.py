@@ -35,8 +35,7 @@ import torch
 from torch import nn
 
 from ..ops import fab_projection
-from ._aa import (check_eps, check_norm, check_pos_int, check_targets, check_unit, chunked_logits, lp_norm,
-                  row_slices)
+from ._aa import check_eps, check_norm, check_pos_int, check_targets, check_unit, in_row_passes, lp_norm
 from .base import Attack
 
 __all__ = ["FAB", "fab_run"]
@@ -46,12 +45,7 @@ def _class_gradients(forward, x: torch.Tensor, y: torch.Tensor, target: Optional
     """``(df [R], dg [R, ...], logits)``: the value and gradient of ``f_s - f_y`` at ``x`` for the
     hyperplane FAB projects on (the target, or the closest class in the dual norm); computed in
     the passes of :func:`row_slices`."""
-    parts = row_slices(x)
-    if len(parts) == 1:
-        return _class_gradients_rows(forward, x, y, target, norm)
-    out = [_class_gradients_rows(forward, x[sl], y[sl], None if target is None else target[sl], norm)
-           for sl in parts]
-    return tuple(torch.cat(p) for p in zip(*out))
+    return in_row_passes(lambda xs, ys, ts: _class_gradients_rows(forward, xs, ys, ts, norm), x, y, target)
 
 
 def _class_gradients_rows(forward, x: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], norm: str):
@@ -121,7 +115,7 @@ def fab_run(forward: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, y
         d1, d2 = d3[:W].reshape(x1.shape), d3[W:].reshape(x1.shape)
         x1 = ((x1 + eta * d1) * (1 - alpha) + (xw + d2 * eta) * alpha).clamp(lo, hi)
         with torch.no_grad():
-            is_adv = chunked_logits(forward, x1).argmax(1) != yw
+            is_adv = in_row_passes(forward, x1).argmax(1) != yw
         if bool(is_adv.any()):
             t = lp_norm(x1 - xw, norm)
             closer = is_adv & (t < res)

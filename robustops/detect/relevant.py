@@ -271,8 +271,10 @@ class RelevantNeuronDetector(Detector):
         return feats, logits
 
     def score(self, x) -> torch.Tensor:
-        """``P(adversarial)`` per image ``[N]`` (float32, on the model's device): the forest's
-        averaged leaf fractions of class 1. ``x``: images ``[N, ...]`` in [0, 1] or batches."""
+        """``P(adversarial)`` per image ``[N]`` (float64, on the model's device): the forest's
+        averaged leaf fractions of class 1, equal to scikit-learn's ``predict_proba`` (float64, so
+        that ``predict`` = ``score > 0.5`` equals the forest's ``predict``). ``x``: images ``[N, ...]``
+        in [0, 1] or batches."""
         self._check_fitted("score")
         out = []
         for xb in _iter_images(x, self.batch_size, "x"):
@@ -281,33 +283,15 @@ class RelevantNeuronDetector(Detector):
         return torch.cat(out)
 
     def score_features(self, feats: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
-        """``P(adversarial)`` from precomputed descriptors ``[N, m]`` and predictions ``[N]``."""
+        """``P(adversarial)`` ``[N]`` (float64) from precomputed descriptors ``[N, m]`` and
+        predictions ``[N]``."""
         self._check_fitted("score_features")
         if feats.dim() != 2 or feats.shape[1] != self.n_features_:
             raise ShapeMismatchError(f"features must be [N, {self.n_features_}], got {tuple(feats.shape)}")
-        return self._proba(feats, preds).float()
-
-    def _proba(self, feats: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
-        """float64 ``P(adversarial)`` ``[N]``, equal to the scikit-learn forest's
-        ``predict_proba(design)[:, 1]``, without building the design matrix."""
+        # equal to the scikit-learn forest's predict_proba(design)[:, 1], without building the design
         if self._forest_eval.device != feats.device:
             self._forest_eval = self._forest_eval.to(feats.device)
         return self._forest_eval.predict_proba(feats, preds if self.use_label else None, column=1)
-
-    def predict(self, x) -> torch.Tensor:
-        """``BoolTensor[N]``: True where ``x`` is judged adversarial, i.e. where the forest's
-        ``P(adversarial) > 0.5`` (decided in float64: the scikit-learn forest's ``predict``)."""
-        self._check_fitted("predict")
-        out = []
-        for xb in _iter_images(x, self.batch_size, "x"):
-            feats, logits = self.features_and_logits(xb)
-            out.append(self._proba(feats, logits.argmax(1)) > self.threshold_)
-        return torch.cat(out)
-
-    def decide(self, scores: torch.Tensor) -> torch.Tensor:
-        """True where ``P(adversarial) > 0.5`` (the forest's majority, as ``rf.predict``)."""
-        self._check_fitted("decide")
-        return scores > self.threshold_
 
     def neuron_names(self, indices: Optional[Sequence[int]] = None) -> List[str]:
         """``"layer:unit"`` names of feature indices (all m by default)."""
