@@ -124,6 +124,19 @@ def smoke_fab_projection(ops, dev):
     _close(d, ref, "fab_projection")
 
 
+def smoke_forest_leaf_masks(ops, dev):
+    # two trees on one input cut into 2 bins (two leaves each); group bins 0, 1, 2 -> tree bins
+    i64 = dict(device=dev, dtype=torch.int64)
+    bins = torch.tensor([[0, 2]], **i64)
+    bin_map = torch.tensor([[[0, 0], [1, 0], [1, 1]]], device=dev, dtype=torch.uint8)
+    masks = torch.tensor([[[[1], [2]], [[1], [2]]]], **i64)              # bin b -> leaf b
+    leaf_start = torch.tensor([0, 2, 4], **i64)
+    value = torch.tensor([[0.0], [1.0], [0.25], [0.75]], device=dev, dtype=torch.float64)
+    out = ops.forest_leaf_masks(bins, bin_map, masks, leaf_start, value)
+    ref = torch.tensor([[(0.0 + 0.25) / 2], [(1.0 + 0.75) / 2]], device=dev, dtype=torch.float64)
+    _close(out, ref, "forest_leaf_masks")
+
+
 #: op -> smoke function (device) running it once against a reference. Add one with every new op.
 SMOKE = {
     "robustops::fgsm_step": smoke_fgsm_step,
@@ -132,6 +145,7 @@ SMOKE = {
     "robustops::kernel_dropout_eval": smoke_kernel_dropout_eval,
     "robustops::apgd_step": smoke_apgd_step,
     "robustops::fab_projection": smoke_fab_projection,
+    "robustops::forest_leaf_masks": smoke_forest_leaf_masks,
 }
 
 

@@ -48,6 +48,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from .._ops import forest_leaf_masks
+
 __all__ = ["TensorForest", "SpecializedForest"]
 
 #: largest table (grid cells) :meth:`TensorForest.specialize` builds for one group.
@@ -66,8 +68,8 @@ MAX_COUNT_INPUTS = 4
 #: group's bins to every tree's bins, uint8 / int16, plus the masks). The detector's 1000-tree
 #: forests need ~5-50 MB per class with many thresholds; 0 disables the form.
 MAX_MASK_BYTES = 1 << 26
-#: most 63-bit mask words per tree (leaves <= 63 x this; bounded by float64's exponent range).
-MAX_MASK_WORDS = 14
+#: most 63-bit mask words per tree (leaves <= 63 x this; the op's limit).
+MAX_MASK_WORDS = 64
 
 
 def _f32_floor(t: np.ndarray) -> np.ndarray:
@@ -534,12 +536,11 @@ class _TreeMasks:
     input and bin the set of leaves whose box spans that bin is a bit mask (63 leaves per int64
     word); the AND of the masks over the inputs has exactly one bit set: the leaf.
 
-    Predicting: one ``searchsorted`` of the inputs among the group's cuts, one row gather of the
-    group-bin -> tree-bin map (rows of T small integers), one gather of the masks (word pairs
-    moved as complex128, a plain bit copy), the AND over the inputs, the bit's position read
-    from the float64 exponent of ``2^p`` (exact), then the trees' leaf values summed in tree
-    order (as the walk does), so the result is bit for bit the walk's and scikit-learn's.
-    Memory: the bin map ``[k, cuts+1, T]`` (uint8 when every tree cuts an input fewer than 255
+    Predicting: one ``searchsorted`` of the inputs among the group's cuts, then the compiled op
+    ``robustops::forest_leaf_masks`` (``csrc/ops/forest_leaf_masks.cpp``): per sample and tree
+    the group bin -> tree bin map, the AND of the masks over the inputs, the leaf from its bit,
+    and the trees' leaf values summed in tree order (as the walk does), so the result is bit for
+    bit the walk's and scikit-learn's. Memory: the bin map ``[k, cuts+1, T]`` (uint8 when every tree cuts an input fewer than 255
     times, else int16) and the masks ``[k, T, bins, words]`` int64 (:meth:`nbytes`)."""
 
     @staticmethod
@@ -556,7 +557,6 @@ class _TreeMasks:
         words = max(1, -(-int(leaves.max()) // 63))
         if words > MAX_MASK_WORDS:
             return float("inf")
-        words += words % 2 if words > 1 else 0
         return (float(k) * width * t * np.dtype(_TreeMasks._map_dtype(cut)).itemsize
                 + float(k) * t * int(cut["dims"].max()) * words * 8)
 
@@ -588,48 +588,27 @@ class _TreeMasks:
             sel = cut["d_feat"] == f
             cnt[grank[sel] + 1, cut["d_tree"][sel]] = 1
             bin_map[f] = np.cumsum(cnt, axis=0)
-        self.bin_map = torch.from_numpy(bin_map.reshape(k * width, t))
-        self.row_off = torch.from_numpy((np.arange(k, dtype=np.int64) * width)[:, None])
-        self.base = torch.from_numpy(((np.arange(k, dtype=np.int64)[:, None] * t + np.arange(t)) * maxb)
-                                     .reshape(k, 1, t))
-        if words > 1 and words % 2:                          # even: gathered as complex128 pairs
-            masks = np.concatenate([masks, np.zeros(masks.shape[:-1] + (1,), np.int64)], axis=-1)
-            words += 1
-        self.masks = torch.from_numpy(np.ascontiguousarray(masks.reshape(-1)))   # (input, tree, bin, word)
-        self.leaf_base = torch.from_numpy(start[:-1].astype(np.int64) - 1023)  # minus the float64 exponent bias
-        self.value = torch.from_numpy(np.ascontiguousarray(node["value"][leaf].T))      # [C, leaves]
+        self.bin_map = torch.from_numpy(np.ascontiguousarray(bin_map))                    # [k, width, T]
+        self.masks = torch.from_numpy(np.ascontiguousarray(masks))                        # [k, T, bins, words]
+        self.leaf_start = torch.from_numpy(start.astype(np.int64))                        # [T + 1]
+        value = np.ascontiguousarray(node["value"][leaf])                                  # [leaves, C]
+        self.value = torch.from_numpy(value)
+        self.value_columns = [torch.from_numpy(np.ascontiguousarray(value[:, c:c + 1])) for c in range(value.shape[1])]
         self.cuts = torch.from_numpy(_padded_cuts(gcuts, width - 1))
         self.cols = cols
         self.words = words
         self.n_trees = t
 
     def to(self, device) -> "_TreeMasks":
-        return _to(self, device)
+        out = _to(self, device)
+        out.value_columns = [v.to(device) for v in self.value_columns]
+        return out
 
     def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int]) -> torch.Tensor:
-        xt = _gather_inputs(x, self.cols, rows)              # [k, n]
-        k, n = xt.shape
-        t, w = self.n_trees, self.words
-        bins = torch.searchsorted(self.cuts, xt)            # [k, n]: group bins
-        sel = bins + self.row_off                            # [k, n] rows of the bin map
-        pairs = self.masks if w == 1 else self.masks.view(torch.complex128)   # word pairs: a bit copy
-        if w > 2:
-            pairs = pairs.view(-1, w // 2)
-        acc = None
-        for f in range(k):                                   # input by input: small temporaries
-            idx = torch.add(self.base[f], self.bin_map.index_select(0, sel[f])).view(-1)   # uint8 + int64
-            m = pairs.index_select(0, idx)
-            m = (m if w == 1 else m.view(torch.int64)).view(n, t, w)
-            acc = m if acc is None else acc.bitwise_and_(m)  # [n, T, words]: one bit in one word
-        # the bit's position p + 63 * word: 2^p (p <= 62) is exact in float64, and so is its
-        # product with 2^(63 * word); exactly one word is non-zero, so the sum is exact too and
-        # its exponent field (bits >> 52) is 1023 + p + 63 * word (folded into leaf_base)
-        v = acc[..., 0].to(torch.float64)
-        for word in range(1, w):
-            v.add_(acc[..., word].to(torch.float64), alpha=2.0 ** (63 * word))
-        leaf = v.view(torch.int64) >> 52
-        gid = leaf.add_(self.leaf_base).t().contiguous().view(-1)    # tree-major
-        return _tree_sum(self.value, gid, t, n, column)
+        bins = torch.searchsorted(self.cuts, _gather_inputs(x, self.cols, rows))     # [k, n]: group bins
+        value = self.value if column is None else self.value_columns[column]
+        out = forest_leaf_masks(bins, self.bin_map, self.masks, self.leaf_start, value)   # compiled op
+        return out if column is None else out[:, 0]
 
 
 class _Walk:
