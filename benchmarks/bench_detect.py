@@ -1,7 +1,7 @@
 """Detection: RelevantNeuronDetector.predict overhead over a plain forward; mu-Lasso vs scikit-learn.
 
 * ``det.predict(x)`` vs ``model(x)`` (under ``torch.no_grad``) on the same batch: Papernot's
-  MNIST net, 256 digits upsampled to 28x28, forest of 200 trees, mu=10 (shared, with label).
+  MNIST net, 256 digits upsampled to 28x28, forest of 1000 trees (the default), mu=10 (shared, with label).
   Broken down into: the forward with hooks that do no work (hook dispatch), the forward with
   the per-channel norms + normalisation (``features_and_logits``), and the forest on the
   selected features (``score_features``; with the label every class is a table, per-tree
@@ -43,6 +43,10 @@ def _rec(name, shape, impl, ref_name, med, ref):
             "threads": torch.get_num_threads()}
 
 
+#: the detector's default forest size (RelevantNeuronDetector(n_estimators=1000), the paper's)
+TREES = 1000
+
+
 def bench_predict(quick: bool):
     from robustops._guard import frozen_model
     from robustops.detect import ActivationRecorder
@@ -53,14 +57,14 @@ def bench_predict(quick: bool):
     model.eval()
     n_fit = 300 if quick else 600
     xa = FGSM(model, eps=0.3)(x[:n_fit], y[:n_fit])
-    det = RelevantNeuronDetector(model, mu=10, n_estimators=200, seed=0).fit(x[:n_fit], xa)
+    det = RelevantNeuronDetector(model, mu=10, n_estimators=TREES, seed=0).fit(x[:n_fit], xa)
     # the same relevant sets without the label (every class block, forest on all of them)
-    nolabel = RelevantNeuronDetector(model, mu=10, use_label=False, n_estimators=200, seed=0)
+    nolabel = RelevantNeuronDetector(model, mu=10, use_label=False, n_estimators=TREES, seed=0)
     c, a = extract(model, x[:n_fit], det.layer_names), extract(model, xa, det.layer_names)
     nolabel.fit_features(c.features, c.predictions, a.features, a.predictions, c.num_classes, layer_sizes=c.sizes,
                          sample_shape=c.sample_shape, relevant=det.relevant)
     # the sparser normalisation (one or two neurons per class at mu=10): every class a table
-    sparse = RelevantNeuronDetector(model, mu=10, n_estimators=200, seed=0, normalize="sum_l2").fit(x[:n_fit], xa)
+    sparse = RelevantNeuronDetector(model, mu=10, n_estimators=TREES, seed=0, normalize="sum_l2").fit(x[:n_fit], xa)
     batch = x[n_fit:n_fit + 256]
     reps = 5 if quick else 30
 
@@ -82,7 +86,7 @@ def bench_predict(quick: bool):
                       "forest_nolabel": lambda: nolabel.score_features(feats, preds),
                       "predict_sparse": lambda: sparse.predict(batch)}, reps)
     kinds = det._forest_eval.kinds()
-    shape = (f"papernot 256x1x28x28, {det.n_features_} neurons, {int(det._index.numel())} selected, 200 trees")
+    shape = (f"papernot 256x1x28x28, {det.n_features_} neurons, {int(det._index.numel())} selected, {TREES} trees")
     ref = "model(x) no_grad"
     return [
         _rec("RND.predict overhead", shape, "det.predict(x)", ref, t["predict"], t["forward"]),

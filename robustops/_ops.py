@@ -655,31 +655,36 @@ __all__ += ["apgd_step", "fab_projection", "apgd_step_reference", "fab_projectio
 # forest_leaf_masks  (issue #10: robustops.detect's random forest, per-tree leaf bit masks)
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("robustops::forest_leaf_masks")
-def _forest_leaf_masks_fake(bins, bin_map, masks, leaf_start, value):
-    _fake_same_device("forest_leaf_masks", bins, "bins",
-                      {"bin_map": bin_map, "masks": masks, "leaf_start": leaf_start, "value": value})
-    torch._check(bins.dim() == 2 and bin_map.dim() == 3 and masks.dim() == 4 and value.dim() == 2,
-                 lambda: "forest_leaf_masks: bins [K, N], bin_map [K, W, T], masks [K, T, B, words], value [L, C]")
+def _forest_leaf_masks_fake(bins, bin_map, masks, mask_start, leaf_start, value):
+    _fake_same_device("forest_leaf_masks", bins, "bins", {"bin_map": bin_map, "masks": masks,
+                                                          "mask_start": mask_start, "leaf_start": leaf_start,
+                                                          "value": value})
+    torch._check(bins.dim() == 2 and bin_map.dim() == 3 and masks.dim() == 2 and value.dim() == 2,
+                 lambda: "forest_leaf_masks: bins [K, N], bin_map [K, W, T], masks [M, words], value [L, C]")
     torch._check(leaf_start.dim() == 1 and leaf_start.shape[0] == bin_map.shape[2] + 1,
                  lambda: "forest_leaf_masks: leaf_start must be [T + 1]")
+    torch._check(mask_start.dim() == 1 and mask_start.shape[0] == bin_map.shape[2] * bins.shape[0] + 1,
+                 lambda: "forest_leaf_masks: mask_start must be [T * K + 1]")
     return value.new_empty((bins.shape[1], value.shape[1]))
 
 
-def forest_leaf_masks(bins: torch.Tensor, bin_map: torch.Tensor, masks: torch.Tensor, leaf_start: torch.Tensor,
-                      value: torch.Tensor) -> torch.Tensor:
+def forest_leaf_masks(bins: torch.Tensor, bin_map: torch.Tensor, masks: torch.Tensor, mask_start: torch.Tensor,
+                      leaf_start: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """A random forest's mean leaf value from per-tree leaf bit masks (QuickScorer's bit vectors,
     Lucchese et al., SIGIR 2015, on the boxes of each tree's threshold grid), in one pass.
 
-    For sample ``n`` and tree ``t`` the AND over inputs ``f`` of
-    ``masks[f, t, bin_map[f, bins[f, n], t]]`` has exactly one bit set (63 leaves per int64
-    word, bit 63 unused): the leaf ``l``. Then
+    Tree ``t``'s masks on input ``f`` are rows ``i = mask_start[t * K + f]`` .. ``mask_start[t *
+    K + f + 1] - 1`` of ``masks``, one per bin of the tree's own grid on ``f``. For sample ``n``
+    the AND over inputs ``f`` of ``masks[i + bin_map[f, bins[f, n], t]]`` has exactly one bit set
+    (63 leaves per int64 word, bit 63 unused): the leaf ``l``. Then
     ``out[n, c] = sum_t value[leaf_start[t] + l, c] / T``, the trees added in order from zero
     (scikit-learn's ``predict_proba`` order: the result equals it bit for bit).
 
     Args:
         bins: int64 ``[K, N]``, each input's bin among the group's cuts, in ``[0, W)``.
-        bin_map: uint8 or int16 ``[K, W, T]``, that bin in tree ``t``'s own grid, in ``[0, B)``.
-        masks: int64 ``[K, T, B, words]`` leaf bit masks (``1 <= words <= 64``).
+        bin_map: uint8 or int16 ``[K, W, T]``, that bin in tree ``t``'s own grid.
+        masks: int64 ``[M, words]`` leaf bit masks, tree by tree (``1 <= words <= 64``).
+        mask_start: int64 ``[T * K + 1]``, increasing from 0 to ``M``.
         leaf_start: int64 ``[T + 1]``, tree ``t``'s leaves are rows ``leaf_start[t] ..
             leaf_start[t + 1] - 1`` of ``value`` (from 0 to ``L``; 1 to ``63 * words`` per tree).
         value: float64 ``[L, C]`` leaf values (class fractions). All on one device.
@@ -690,8 +695,8 @@ def forest_leaf_masks(bins: torch.Tensor, bin_map: torch.Tensor, masks: torch.Te
     ``robustops.detect.forest._TreeMasks``; reference: :func:`forest_leaf_masks_reference`.
     """
     want = (("bins", bins, (torch.int64,), 2), ("bin_map", bin_map, (torch.uint8, torch.int16), 3),
-            ("masks", masks, (torch.int64,), 4), ("leaf_start", leaf_start, (torch.int64,), 1),
-            ("value", value, (torch.float64,), 2))
+            ("masks", masks, (torch.int64,), 2), ("mask_start", mask_start, (torch.int64,), 1),
+            ("leaf_start", leaf_start, (torch.int64,), 1), ("value", value, (torch.float64,), 2))
     for name, t, dtypes, dim in want:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -702,24 +707,25 @@ def forest_leaf_masks(bins: torch.Tensor, bin_map: torch.Tensor, masks: torch.Te
         if t.device != bins.device:
             raise ValueError(f"{name} must be on the device of bins ({bins.device}), got {t.device}")
     k, t_trees = bins.shape[0], bin_map.shape[2]
-    if bin_map.shape[0] != k or masks.shape[:2] != (k, t_trees):
-        raise ValueError(f"bin_map must be [K={k}, W, T] and masks [K={k}, T={t_trees}, B, words], got "
-                         f"{tuple(bin_map.shape)} and {tuple(masks.shape)}")
+    if bin_map.shape[0] != k:
+        raise ValueError(f"bin_map must be [K={k}, W, T], got {tuple(bin_map.shape)}")
+    if mask_start.shape[0] != t_trees * k + 1:
+        raise ValueError(f"mask_start must be [T * K + 1] = [{t_trees * k + 1}], got {tuple(mask_start.shape)}")
     if leaf_start.shape[0] != t_trees + 1:
         raise ValueError(f"leaf_start must be [T + 1] = [{t_trees + 1}], got {tuple(leaf_start.shape)}")
-    return torch.ops.robustops.forest_leaf_masks(bins, bin_map, masks, leaf_start, value)
+    return torch.ops.robustops.forest_leaf_masks(bins, bin_map, masks, mask_start, leaf_start, value)
 
 
-def forest_leaf_masks_reference(bins, bin_map, masks, leaf_start, value):
+def forest_leaf_masks_reference(bins, bin_map, masks, mask_start, leaf_start, value):
     """Eager-PyTorch reference of :func:`forest_leaf_masks` (gathers, an AND over inputs, the leaf
     from the single set bit by testing each bit, a tree-ordered ``cumsum``)."""
     k, n = bins.shape
-    t_trees, words = bin_map.shape[2], masks.shape[3]
-    tree = torch.arange(t_trees, device=bins.device)
+    t_trees, words = bin_map.shape[2], masks.shape[1]
+    first = mask_start[:-1].view(t_trees, k)
     acc = torch.full((n, t_trees, words), -1, dtype=torch.int64, device=bins.device)
     for f in range(k):
         tb = bin_map[f].long().index_select(0, bins[f])                       # [N, T]
-        acc &= masks[f][tree[None, :], tb]                                    # [N, T, words]
+        acc &= masks[first[:, f][None, :] + tb]                               # [N, T, words]
     bit = torch.arange(63, device=bins.device)
     set_ = ((acc[..., None] >> bit) & 1).bool().reshape(n, t_trees, words * 63)   # bit 63 ignored
     if not bool((set_.sum(-1) == 1).all()):

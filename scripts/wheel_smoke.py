@@ -129,10 +129,11 @@ def smoke_forest_leaf_masks(ops, dev):
     i64 = dict(device=dev, dtype=torch.int64)
     bins = torch.tensor([[0, 2]], **i64)
     bin_map = torch.tensor([[[0, 0], [1, 0], [1, 1]]], device=dev, dtype=torch.uint8)
-    masks = torch.tensor([[[[1], [2]], [[1], [2]]]], **i64)              # bin b -> leaf b
+    masks = torch.tensor([[1], [2], [1], [2]], **i64)                     # per tree: bin b -> leaf b
+    mask_start = torch.tensor([0, 2, 4], **i64)
     leaf_start = torch.tensor([0, 2, 4], **i64)
     value = torch.tensor([[0.0], [1.0], [0.25], [0.75]], device=dev, dtype=torch.float64)
-    out = ops.forest_leaf_masks(bins, bin_map, masks, leaf_start, value)
+    out = ops.forest_leaf_masks(bins, bin_map, masks, mask_start, leaf_start, value)
     ref = torch.tensor([[(0.0 + 0.25) / 2], [(1.0 + 0.75) / 2]], device=dev, dtype=torch.float64)
     _close(out, ref, "forest_leaf_masks")
 

@@ -3,7 +3,7 @@ numpy evaluation of synthetic trees, the eager reference, opcheck, hypothesis an
 
 Synthetic tables: tree ``t`` cuts input ``f`` into ``dims[t, f]`` bins and has one leaf per cell
 of that grid (row-major), so the leaf a sample reaches is ``ravel_multi_index`` of its tree bins
--- a second, mask-free way to the same answer. The mask of (input f, tree t, bin b) holds the
+-- a second, mask-free way to the same answer. The mask of (tree t, input f, bin b) holds the
 leaves whose f-th index is b; ``bin_map`` sends each group bin to any tree bin in range.
 """
 import numpy as np
@@ -20,13 +20,13 @@ def _tables(seed, k=3, t=5, n=7, c=2, w_bins=9, max_dim=3, words=None, map_dtype
     leaves = dims.prod(1)
     need = -(-int(leaves.max()) // 63)
     words = max(need, words or 1)
-    b_bins = int(dims.max())
-    masks = np.zeros((k, t, b_bins, words), np.int64)
+    mask_start = np.r_[0, np.cumsum(dims.reshape(-1))].astype(np.int64)      # tree by tree, input by input
+    masks = np.zeros((int(mask_start[-1]), words), np.int64)
     for tt in range(t):
         for leaf in range(int(leaves[tt])):
             idx = np.unravel_index(leaf, tuple(dims[tt]))
             for f in range(k):
-                masks[f, tt, idx[f], leaf // 63] |= np.int64(1) << np.int64(leaf % 63)
+                masks[mask_start[tt * k + f] + idx[f], leaf // 63] |= np.int64(1) << np.int64(leaf % 63)
     bin_map = np.stack([rng.integers(0, dims[:, f][None, :], size=(w_bins, t)) for f in range(k)]).astype(map_dtype)
     bins = rng.integers(0, w_bins, size=(k, n))
     leaf_start = np.r_[0, np.cumsum(leaves)].astype(np.int64)
@@ -39,7 +39,7 @@ def _tables(seed, k=3, t=5, n=7, c=2, w_bins=9, max_dim=3, words=None, map_dtype
             tb = tuple(int(bin_map[f, bins[f, s], tt]) for f in range(k))
             acc = acc + value[leaf_start[tt] + np.ravel_multi_index(tb, tuple(dims[tt]))]
         ref[s] = acc / t
-    args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (bins, bin_map, masks, leaf_start, value))
+    args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in (bins, bin_map, masks, mask_start, leaf_start, value))
     return args, torch.from_numpy(ref)
 
 
@@ -56,7 +56,7 @@ def test_int16_map_and_many_leaves_per_tree():
     # one input cut into 300 bins: 300 leaves per tree (5 mask words), tree bins above 255 (int16 map)
     args, ref = _tables(1, k=1, t=3, n=11, c=1, w_bins=400, max_dim=300, min_dim=280,
                         map_dtype=np.int16)
-    assert args[1].dtype == torch.int16 and int(args[1].max()) > 255 and args[2].shape[3] >= 5
+    assert args[1].dtype == torch.int16 and int(args[1].max()) > 255 and args[2].shape[1] >= 5
     assert torch.equal(forest_leaf_masks(*args), ref)
 
 
@@ -69,8 +69,8 @@ def test_threads_and_empty_batch():
             assert torch.equal(forest_leaf_masks(*args), ref)
     finally:
         torch.set_num_threads(prev)
-    bins, bin_map, masks, leaf_start, value = args
-    out = forest_leaf_masks(bins[:, :0], bin_map, masks, leaf_start, value)
+    bins, bin_map, masks, mask_start, leaf_start, value = args
+    out = forest_leaf_masks(bins[:, :0], bin_map, masks, mask_start, leaf_start, value)
     assert out.shape == (0, 3) and out.dtype == torch.float64
 
 
@@ -96,66 +96,73 @@ def test_opcheck():
 
 def test_bad_input_named():
     args, _ = _tables(5, k=2, t=4, n=3, c=2)
-    bins, bin_map, masks, leaf_start, value = args
+    bins, bin_map, masks, mask_start, leaf_start, value = args
     with pytest.raises(TypeError, match="bins"):
-        forest_leaf_masks(bins.int(), bin_map, masks, leaf_start, value)
+        forest_leaf_masks(bins.int(), bin_map, masks, mask_start, leaf_start, value)
     with pytest.raises(TypeError, match="bin_map"):
-        forest_leaf_masks(bins, bin_map.long(), masks, leaf_start, value)
+        forest_leaf_masks(bins, bin_map.long(), masks, mask_start, leaf_start, value)
     with pytest.raises(TypeError, match="value"):
-        forest_leaf_masks(bins, bin_map, masks, leaf_start, value.float())
+        forest_leaf_masks(bins, bin_map, masks, mask_start, leaf_start, value.float())
     with pytest.raises(TypeError, match="masks"):
-        forest_leaf_masks(bins, bin_map, [1, 2], leaf_start, value)
+        forest_leaf_masks(bins, bin_map, [1, 2], mask_start, leaf_start, value)
     with pytest.raises(ValueError, match="masks"):
-        forest_leaf_masks(bins, bin_map, masks[:1], leaf_start, value)
+        forest_leaf_masks(bins, bin_map, masks[0], mask_start, leaf_start, value)
+    with pytest.raises(ValueError, match="mask_start"):
+        forest_leaf_masks(bins, bin_map, masks, mask_start[:-1], leaf_start, value)
     with pytest.raises(ValueError, match="leaf_start"):
-        forest_leaf_masks(bins, bin_map, masks, leaf_start[:-1], value)
+        forest_leaf_masks(bins, bin_map, masks, mask_start, leaf_start[:-1], value)
     with pytest.raises(ValueError, match="value"):
-        forest_leaf_masks(bins, bin_map, masks, leaf_start, value[:, 0])
+        forest_leaf_masks(bins, bin_map, masks, mask_start, leaf_start, value[:, 0])
     with pytest.raises(ValueError, match="device"):
-        forest_leaf_masks(bins, bin_map, masks, leaf_start, value.to("meta"))
+        forest_leaf_masks(bins, bin_map, masks, mask_start, leaf_start, value.to("meta"))
 
 
 def test_corrupt_tables_raise_not_crash():
     args, _ = _tables(6, k=2, t=4, n=3, c=2, w_bins=5)
-    bins, bin_map, masks, leaf_start, value = args
+    bins, bin_map, masks, mask_start, leaf_start, value = args
     op = torch.ops.robustops.forest_leaf_masks           # below the wrapper: the C++ checks
+
+    def call(**kw):
+        a = dict(bins=bins, bin_map=bin_map, masks=masks, mask_start=mask_start, leaf_start=leaf_start, value=value)
+        a.update(kw)
+        return op(a["bins"], a["bin_map"], a["masks"], a["mask_start"], a["leaf_start"], a["value"])
+
+    def edit(t, index, v):
+        t = t.clone()
+        t[index] = v
+        return t
+
     with pytest.raises(RuntimeError, match="bins"):
-        b = bins.clone()
-        b[1, 2] = 5
-        op(b, bin_map, masks, leaf_start, value)
+        call(bins=edit(bins, (1, 2), 5))
     with pytest.raises(RuntimeError, match="bins"):
-        b = bins.clone()
-        b[0, 0] = -1
-        op(b, bin_map, masks, leaf_start, value)
+        call(bins=edit(bins, (0, 0), -1))
     with pytest.raises(RuntimeError, match="tree bin"):
-        m = bin_map.clone()
-        m[0, :, 2] = 200                                     # far past B
-        op(bins, m, masks, leaf_start, value)
+        call(bin_map=edit(bin_map, (0, slice(None), 2), 200))            # past every tree's bins
     with pytest.raises(RuntimeError, match="exactly one leaf"):
-        op(bins, bin_map, torch.zeros_like(masks), leaf_start, value)
+        call(masks=torch.zeros_like(masks))
     with pytest.raises(RuntimeError, match="exactly one leaf"):
-        op(bins, bin_map, torch.full_like(masks, -1), leaf_start, value)     # every bit, bit 63 too
+        call(masks=torch.full_like(masks, -1))                          # every bit, bit 63 too
+    with pytest.raises(RuntimeError, match="mask_start"):
+        call(mask_start=edit(mask_start, -1, int(mask_start[-1]) + 1))  # points past masks
+    with pytest.raises(RuntimeError, match="increase"):
+        call(mask_start=edit(mask_start, 1, 0))                         # a (tree, input) with no bin
     with pytest.raises(RuntimeError, match="leaf_start"):
-        ls = leaf_start.clone()
-        ls[-1] += 1                                          # points past value
-        op(bins, bin_map, masks, ls, value)
+        call(leaf_start=edit(leaf_start, -1, int(leaf_start[-1]) + 1))  # points past value
     with pytest.raises(RuntimeError, match="leaves"):
-        ls = leaf_start.clone()
-        ls[1] = ls[2]                                        # a tree with no leaf
-        op(bins, bin_map, masks, ls, value)
+        call(leaf_start=edit(leaf_start, 1, int(leaf_start[2])))        # a tree with no leaf
     with pytest.raises(RuntimeError, match="K >= 1"):
-        op(bins[:0], bin_map[:0], masks[:0], leaf_start, value)
+        op(bins[:0], bin_map[:0], masks, mask_start[:1], leaf_start, value)
     with pytest.raises(RuntimeError, match="int64"):
-        op(bins.int(), bin_map, masks, leaf_start, value)
+        call(bins=bins.int())
 
 
 def test_non_contiguous_inputs():
     args, ref = _tables(7, k=3, t=9, n=8, c=2)
-    bins, bin_map, masks, leaf_start, value = args
+    bins, bin_map, masks, mask_start, leaf_start, value = args
     bins_nc = bins.t().contiguous().t()                       # same values, transposed strides
     value_nc = value.t().contiguous().t()
     assert not bins_nc.is_contiguous() and not value_nc.is_contiguous()
-    assert torch.equal(forest_leaf_masks(bins_nc, bin_map, masks, leaf_start, value_nc), ref)
+    assert torch.equal(forest_leaf_masks(bins_nc, bin_map, masks, mask_start, leaf_start, value_nc), ref)
 
 
 hypothesis = pytest.importorskip("hypothesis")

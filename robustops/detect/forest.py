@@ -558,7 +558,7 @@ class _TreeMasks:
         if words > MAX_MASK_WORDS:
             return float("inf")
         return (float(k) * width * t * np.dtype(_TreeMasks._map_dtype(cut)).itemsize
-                + float(k) * t * int(cut["dims"].max()) * words * 8)
+                + float(cut["dims"].sum()) * words * 8)
 
     def __init__(self, node, cols: torch.Tensor, cut: dict, gcuts: List[np.ndarray]):
         t, k = node["roots"].size, cut["dims"].shape[1]
@@ -589,7 +589,10 @@ class _TreeMasks:
             cnt[grank[sel] + 1, cut["d_tree"][sel]] = 1
             bin_map[f] = np.cumsum(cnt, axis=0)
         self.bin_map = torch.from_numpy(np.ascontiguousarray(bin_map))                    # [k, width, T]
-        self.masks = torch.from_numpy(np.ascontiguousarray(masks))                        # [k, T, bins, words]
+        # tree by tree, input by input, only the bins the tree has: [sum(dims), words]
+        used = np.arange(maxb)[None, None, :] < dims[:, :, None]                          # [T, k, maxb]
+        self.masks = torch.from_numpy(np.ascontiguousarray(masks.transpose(1, 0, 2, 3)[used]))
+        self.mask_start = torch.from_numpy(np.r_[0, np.cumsum(dims.reshape(-1))].astype(np.int64))   # [T * k + 1]
         self.leaf_start = torch.from_numpy(start.astype(np.int64))                        # [T + 1]
         value = np.ascontiguousarray(node["value"][leaf])                                  # [leaves, C]
         self.value = torch.from_numpy(value)
@@ -607,7 +610,7 @@ class _TreeMasks:
     def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int]) -> torch.Tensor:
         bins = torch.searchsorted(self.cuts, _gather_inputs(x, self.cols, rows))     # [k, n]: group bins
         value = self.value if column is None else self.value_columns[column]
-        out = forest_leaf_masks(bins, self.bin_map, self.masks, self.leaf_start, value)   # compiled op
+        out = forest_leaf_masks(bins, self.bin_map, self.masks, self.mask_start, self.leaf_start, value)
         return out if column is None else out[:, 0]
 
 

@@ -1,9 +1,11 @@
 // CPU kernel of forest_leaf_masks, in two passes. (1) One task per chunk of kTreeChunk trees:
 // for every sample and tree of the chunk, the AND of the tree's masks over the inputs is formed
-// in registers and decoded into the value row of the leaf. A chunk's masks (k x kTreeChunk x B x
-// words int64, tens of KB) stay in L1 for all samples; the bin map is read one row segment per
-// sample and input. (2) One task per block of samples: the leaf values added in tree order from
-// zero (scikit-learn's order, so the result is its predict_proba bit for bit).
+// in registers and decoded into the value row of the leaf. One tree's masks are contiguous (a
+// chunk's are tens of KB, read from memory once per call and then from cache for every sample:
+// predict runs right after a model forward has flushed the caches); each sample reads one
+// kTreeChunk-byte segment of its bin map row per input. (2) One task per block of samples: the
+// leaf values added in tree order from zero (scikit-learn's order, so the result is its
+// predict_proba bit for bit).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/llvmMathExtras.h>
@@ -22,9 +24,9 @@ constexpr int64_t kTreeChunk = 64;
 
 // kWords > 0: the word count known at compile time (1 or 2: the common cases); 0: runtime `words`.
 template <typename map_t, int kWords>
-void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* masks, const int64_t* leaf_start,
-                    const double* value, double* out, int64_t k, int64_t n, int64_t w_bins, int64_t t_trees,
-                    int64_t b_bins, int64_t words_rt, int64_t c_cols) {
+void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* masks, const int64_t* mask_start,
+                    const int64_t* leaf_start, const double* value, double* out, int64_t k, int64_t n, int64_t w_bins,
+                    int64_t t_trees, int64_t words_rt, int64_t c_cols) {
   const int64_t words = kWords > 0 ? kWords : words_rt;
   for (int64_t i = 0; i < k * n; ++i) {
     TORCH_CHECK(bins[i] >= 0 && bins[i] < w_bins, "forest_leaf_masks: bins[", i / n, ", ", i % n, "] = ", bins[i],
@@ -32,8 +34,6 @@ void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* ma
   }
   std::vector<int64_t> rows(n * t_trees);  // value row of the leaf of (sample, tree)
   const int64_t n_chunks = (t_trees + kTreeChunk - 1) / kTreeChunk;
-  const int64_t tree_stride = b_bins * words;  // masks: from tree t to t + 1 (same input)
-  const int64_t input_stride = t_trees * tree_stride;
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<const map_t*> map_rows(k);  // per input: the sample's bin map row at the chunk
     uint64_t acc_fixed[kWords > 0 ? kWords : 1];
@@ -45,14 +45,14 @@ void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* ma
       for (int64_t s = 0; s < n; ++s) {
         for (int64_t f = 0; f < k; ++f) map_rows[f] = bin_map + (f * w_bins + bins[f * n + s]) * t_trees + t0;
         for (int64_t t = 0; t < tn; ++t) {
-          const int64_t* mt = masks + (t0 + t) * tree_stride;
+          const int64_t* ms = mask_start + (t0 + t) * k;
           for (int64_t w = 0; w < words; ++w) acc[w] = ~uint64_t(0);
           for (int64_t f = 0; f < k; ++f) {
-            // branch-free bounds check: an out-of-range tree bin is noted and read as bin 0
+            // branch-free bounds check: a tree bin past the tree's bins is noted and read as bin 0
             const uint64_t tb = static_cast<uint64_t>(static_cast<int64_t>(map_rows[f][t]));
-            const bool ok = tb < static_cast<uint64_t>(b_bins);
+            const bool ok = tb < static_cast<uint64_t>(ms[f + 1] - ms[f]);
             bad |= !ok;
-            const int64_t* m = mt + f * input_stride + (ok ? static_cast<int64_t>(tb) : 0) * words;
+            const int64_t* m = masks + (ms[f] + (ok ? static_cast<int64_t>(tb) : 0)) * words;
             for (int64_t w = 0; w < words; ++w) acc[w] &= static_cast<uint64_t>(m[w]);
           }
           int64_t leaf = -1, hits = 0;
@@ -70,8 +70,8 @@ void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* ma
           rows[s * t_trees + t0 + t] = first + leaf;
         }
       }
-      TORCH_CHECK(!bad, "forest_leaf_masks: bin_map holds a tree bin outside [0, B) = [0, ", b_bins, ") (trees ",
-                  t0, " .. ", t0 + tn - 1, ")");
+      TORCH_CHECK(!bad, "forest_leaf_masks: bin_map holds a tree bin past the tree's bins (trees ", t0, " .. ",
+                  t0 + tn - 1, ")");
     }
   });
   at::parallel_for(0, n, 16, [&](int64_t s0, int64_t s1) {
@@ -88,13 +88,13 @@ void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* ma
 
 template <typename map_t>
 void dispatch_words(const at::Tensor& bins, const at::Tensor& bin_map, const at::Tensor& masks,
-                    const at::Tensor& leaf_start, const at::Tensor& value, at::Tensor& out) {
+                    const at::Tensor& mask_start, const at::Tensor& leaf_start, const at::Tensor& value, at::Tensor& out) {
   const int64_t k = bins.size(0), n = bins.size(1), w = bin_map.size(1), t = bin_map.size(2);
-  const int64_t b = masks.size(2), words = masks.size(3), c = value.size(1);
+  const int64_t words = masks.size(1), c = value.size(1);
   auto run = [&](auto fn) {
     fn(bins.const_data_ptr<int64_t>(), bin_map.const_data_ptr<map_t>(), masks.const_data_ptr<int64_t>(),
-       leaf_start.const_data_ptr<int64_t>(), value.const_data_ptr<double>(), out.mutable_data_ptr<double>(), k, n, w,
-       t, b, words, c);
+       mask_start.const_data_ptr<int64_t>(), leaf_start.const_data_ptr<int64_t>(), value.const_data_ptr<double>(),
+       out.mutable_data_ptr<double>(), k, n, w, t, words, c);
   };
   if (words == 1) {
     run(leaf_masks_cpu<map_t, 1>);
@@ -106,19 +106,19 @@ void dispatch_words(const at::Tensor& bins, const at::Tensor& bin_map, const at:
 }
 
 at::Tensor forest_leaf_masks_cpu(const at::Tensor& bins, const at::Tensor& bin_map, const at::Tensor& masks,
-                                 const at::Tensor& leaf_start, const at::Tensor& value) {
+                                 const at::Tensor& mask_start, const at::Tensor& leaf_start, const at::Tensor& value) {
   TORCH_CHECK(bins.device().is_cpu(), "forest_leaf_masks (CPU kernel): bins must be a CPU tensor, got ",
               bins.device());
-  check_forest_leaf_masks_args(bins, bin_map, masks, leaf_start, value);
+  check_forest_leaf_masks_args(bins, bin_map, masks, mask_start, leaf_start, value);
   const at::Tensor bc = bins.contiguous(), mc = bin_map.contiguous(), kc = masks.contiguous();
-  const at::Tensor lc = leaf_start.contiguous(), vc = value.contiguous();
-  check_leaf_start(lc, vc.size(0), kc.size(3));
+  const at::Tensor sc = mask_start.contiguous(), lc = leaf_start.contiguous(), vc = value.contiguous();
+  check_offsets(sc, kc.size(0), lc, vc.size(0), kc.size(1));
   at::Tensor out = at::empty({bins.size(1), value.size(1)}, value.options());
   if (out.numel() == 0) return out;
   if (mc.scalar_type() == at::kByte) {
-    dispatch_words<uint8_t>(bc, mc, kc, lc, vc, out);
+    dispatch_words<uint8_t>(bc, mc, kc, sc, lc, vc, out);
   } else {
-    dispatch_words<int16_t>(bc, mc, kc, lc, vc, out);
+    dispatch_words<int16_t>(bc, mc, kc, sc, lc, vc, out);
   }
   return out;
 }

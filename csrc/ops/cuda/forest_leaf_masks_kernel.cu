@@ -1,5 +1,5 @@
 // CUDA kernel of forest_leaf_masks, on the current stream, in two launches: one thread per
-// (sample, tree) ANDs that tree's masks over the inputs and writes the value row of its leaf;
+// (sample, tree) ANDs that tree's masks (contiguous per tree) over the inputs and writes the value row of its leaf;
 // then one thread per (sample, column) adds the rows in tree order from zero (scikit-learn's
 // order, so the result is the CPU kernel's bit for bit). Corrupt tables set an error flag (and
 // read row 0 instead), which the host turns into an error after the second launch.
@@ -18,9 +18,10 @@ constexpr int kThreads = 256;
 
 template <typename map_t>
 __global__ void leaf_rows_kernel(const int64_t* __restrict__ bins, const map_t* __restrict__ bin_map,
-                                 const int64_t* __restrict__ masks, const int64_t* __restrict__ leaf_start,
-                                 int64_t* __restrict__ rows, int* __restrict__ error, int64_t k, int64_t n,
-                                 int64_t w_bins, int64_t t_trees, int64_t b_bins, int64_t words) {
+                                 const int64_t* __restrict__ masks, const int64_t* __restrict__ mask_start,
+                                 const int64_t* __restrict__ leaf_start, int64_t* __restrict__ rows,
+                                 int* __restrict__ error, int64_t k, int64_t n, int64_t w_bins, int64_t t_trees,
+                                 int64_t words) {
   const int64_t total = n * t_trees;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -36,11 +37,12 @@ __global__ void leaf_rows_kernel(const int64_t* __restrict__ bins, const map_t* 
           break;
         }
         const int64_t tb = static_cast<int64_t>(bin_map[(f * w_bins + b) * t_trees + t]);
-        if (tb < 0 || tb >= b_bins) {
+        const int64_t first = mask_start[t * k + f];
+        if (tb < 0 || tb >= mask_start[t * k + f + 1] - first) {
           code |= kBadTreeBin;
           break;
         }
-        v &= static_cast<uint64_t>(masks[((f * t_trees + t) * b_bins + tb) * words + w]);
+        v &= static_cast<uint64_t>(masks[(first + tb) * words + w]);
       }
       if (!code && v) {
         bits += __popcll(v) + static_cast<int64_t>(v >> 63);
@@ -72,13 +74,13 @@ unsigned int grid_for(int64_t work) {
 }
 
 at::Tensor forest_leaf_masks_cuda(const at::Tensor& bins, const at::Tensor& bin_map, const at::Tensor& masks,
-                                  const at::Tensor& leaf_start, const at::Tensor& value) {
+                                  const at::Tensor& mask_start, const at::Tensor& leaf_start, const at::Tensor& value) {
   TORCH_CHECK(bins.is_cuda(), "forest_leaf_masks (CUDA kernel): bins must be a CUDA tensor, got ", bins.device());
-  check_forest_leaf_masks_args(bins, bin_map, masks, leaf_start, value);
+  check_forest_leaf_masks_args(bins, bin_map, masks, mask_start, leaf_start, value);
   c10::cuda::CUDAGuard guard(bins.device());
   const at::Tensor bc = bins.contiguous(), mc = bin_map.contiguous(), kc = masks.contiguous();
-  const at::Tensor lc = leaf_start.contiguous(), vc = value.contiguous();
-  check_leaf_start(lc.cpu(), vc.size(0), kc.size(3));
+  const at::Tensor sc = mask_start.contiguous(), lc = leaf_start.contiguous(), vc = value.contiguous();
+  check_offsets(sc.cpu(), kc.size(0), lc.cpu(), vc.size(0), kc.size(1));
   const int64_t k = bc.size(0), n = bc.size(1), w = mc.size(1), t = mc.size(2), c = vc.size(1);
   at::Tensor out = at::empty({n, c}, vc.options());
   if (out.numel() == 0) return out;
@@ -88,13 +90,13 @@ at::Tensor forest_leaf_masks_cuda(const at::Tensor& bins, const at::Tensor& bin_
   if (mc.scalar_type() == at::kByte) {
     leaf_rows_kernel<uint8_t><<<grid_for(n * t), kThreads, 0, stream>>>(
         bc.const_data_ptr<int64_t>(), mc.const_data_ptr<uint8_t>(), kc.const_data_ptr<int64_t>(),
-        lc.const_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<int>(), k, n, w, t,
-        kc.size(2), kc.size(3));
+        sc.const_data_ptr<int64_t>(), lc.const_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>(),
+        error.mutable_data_ptr<int>(), k, n, w, t, kc.size(1));
   } else {
     leaf_rows_kernel<int16_t><<<grid_for(n * t), kThreads, 0, stream>>>(
         bc.const_data_ptr<int64_t>(), mc.const_data_ptr<int16_t>(), kc.const_data_ptr<int64_t>(),
-        lc.const_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<int>(), k, n, w, t,
-        kc.size(2), kc.size(3));
+        sc.const_data_ptr<int64_t>(), lc.const_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>(),
+        error.mutable_data_ptr<int>(), k, n, w, t, kc.size(1));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tree_sum_kernel<<<grid_for(n * c), kThreads, 0, stream>>>(rows.const_data_ptr<int64_t>(), vc.const_data_ptr<double>(),
