@@ -1,11 +1,12 @@
-// CPU kernel of forest_leaf_masks, in two passes. (1) One task per chunk of kTreeChunk trees:
-// for every sample and tree of the chunk, the AND of the tree's masks over the inputs is formed
-// in registers and decoded into the value row of the leaf. One tree's masks are contiguous (a
-// chunk's are tens of KB, read from memory once per call and then from cache for every sample:
-// predict runs right after a model forward has flushed the caches); each sample reads one
-// kTreeChunk-byte segment of its bin map row per input. (2) One task per block of samples: the
-// leaf values added in tree order from zero (scikit-learn's order, so the result is its
-// predict_proba bit for bit).
+// CPU kernel of forest_leaf_masks. One task per block of samples (at least kMinBlock, about one
+// block per thread); a task walks the trees in chunks of kTreeChunk, in order, and for each of
+// its samples and each tree of the chunk forms the AND of the tree's masks over the inputs in
+// registers, decodes the leaf and adds its value to the sample's sum. The trees are thus added
+// in order from zero (scikit-learn's order: the result is its predict_proba bit for bit). One
+// tree's masks are contiguous and a chunk's (tens of KB) stay in cache for all the task's
+// samples: predict runs right after a model forward has flushed the caches, so each table is
+// best read from memory once. Each sample reads one kTreeChunk-entry segment of its bin map row
+// per input and chunk.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/llvmMathExtras.h>
@@ -21,6 +22,23 @@ namespace robustops {
 namespace {
 
 constexpr int64_t kTreeChunk = 64;
+constexpr int64_t kMinBlock = 32;
+constexpr int64_t kLine = 64;  // bytes per cache line
+
+#if defined(__GNUC__) || defined(__clang__)
+inline void prefetch(const void* p) { __builtin_prefetch(p); }
+#else
+inline void prefetch(const void*) {}
+#endif
+
+// Prefetch share i of n of the bytes [begin, end): spread over a chunk's samples, the next
+// chunk's masks and leaf values arrive while this chunk is computed (right after a model
+// forward nothing of the tables is in cache, and their rows are too scattered for the
+// hardware prefetcher).
+inline void prefetch_share(const char* begin, const char* end, int64_t i, int64_t n) {
+  const int64_t lines = (end - begin + kLine - 1) / kLine;
+  for (int64_t l = i * lines / n; l < (i + 1) * lines / n; ++l) prefetch(begin + l * kLine);
+}
 
 // kWords > 0: the word count known at compile time (1 or 2: the common cases); 0: runtime `words`.
 template <typename map_t, int kWords>
@@ -32,18 +50,30 @@ void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* ma
     TORCH_CHECK(bins[i] >= 0 && bins[i] < w_bins, "forest_leaf_masks: bins[", i / n, ", ", i % n, "] = ", bins[i],
                 " lies outside [0, W) = [0, ", w_bins, ")");
   }
-  std::vector<int64_t> rows(n * t_trees);  // value row of the leaf of (sample, tree)
-  const int64_t n_chunks = (t_trees + kTreeChunk - 1) / kTreeChunk;
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+  std::fill(out, out + n * c_cols, 0.0);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(kMinBlock, (n + threads - 1) / threads);
+  at::parallel_for(0, n, grain, [&](int64_t s0, int64_t s1) {
     std::vector<const map_t*> map_rows(k);  // per input: the sample's bin map row at the chunk
     uint64_t acc_fixed[kWords > 0 ? kWords : 1];
     std::vector<uint64_t> acc_dynamic(kWords > 0 ? 0 : words);
     uint64_t* acc = kWords > 0 ? acc_fixed : acc_dynamic.data();
-    for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      const int64_t t0 = chunk * kTreeChunk, tn = std::min(kTreeChunk, t_trees - t0);
+    for (int64_t t0 = 0; t0 < t_trees; t0 += kTreeChunk) {
+      const int64_t tn = std::min(kTreeChunk, t_trees - t0);
+      const int64_t t2 = std::min(t0 + tn + kTreeChunk, t_trees);  // the next chunk: trees t0 + tn .. t2 - 1
+      const char* next_masks = reinterpret_cast<const char*>(masks + mask_start[(t0 + tn) * k] * words);
+      const char* next_masks_end = reinterpret_cast<const char*>(masks + mask_start[t2 * k] * words);
+      const char* next_values = reinterpret_cast<const char*>(value + leaf_start[t0 + tn] * c_cols);
+      const char* next_values_end = reinterpret_cast<const char*>(value + leaf_start[t2] * c_cols);
       bool bad = false;
-      for (int64_t s = 0; s < n; ++s) {
-        for (int64_t f = 0; f < k; ++f) map_rows[f] = bin_map + (f * w_bins + bins[f * n + s]) * t_trees + t0;
+      for (int64_t s = s0; s < s1; ++s) {
+        for (int64_t f = 0; f < k; ++f) {
+          map_rows[f] = bin_map + (f * w_bins + bins[f * n + s]) * t_trees + t0;
+          if (t0 + tn < t_trees) prefetch(map_rows[f] + tn);
+        }
+        prefetch_share(next_masks, next_masks_end, s - s0, s1 - s0);
+        prefetch_share(next_values, next_values_end, s - s0, s1 - s0);
+        double* sum = out + s * c_cols;
         for (int64_t t = 0; t < tn; ++t) {
           const int64_t* ms = mask_start + (t0 + t) * k;
           for (int64_t w = 0; w < words; ++w) acc[w] = ~uint64_t(0);
@@ -67,22 +97,14 @@ void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* ma
           TORCH_CHECK(hits == 1 && leaf < leaf_start[t0 + t + 1] - first,
                       "forest_leaf_masks: the masks do not select exactly one leaf of tree ", t0 + t, " for sample ",
                       s, " (corrupt tables)");
-          rows[s * t_trees + t0 + t] = first + leaf;
+          const double* v = value + (first + leaf) * c_cols;
+          for (int64_t c = 0; c < c_cols; ++c) sum[c] += v[c];
         }
       }
       TORCH_CHECK(!bad, "forest_leaf_masks: bin_map holds a tree bin past the tree's bins (trees ", t0, " .. ",
                   t0 + tn - 1, ")");
     }
-  });
-  at::parallel_for(0, n, 16, [&](int64_t s0, int64_t s1) {
-    for (int64_t s = s0; s < s1; ++s) {
-      const int64_t* r = rows.data() + s * t_trees;
-      for (int64_t c = 0; c < c_cols; ++c) {
-        double sum = 0.0;
-        for (int64_t t = 0; t < t_trees; ++t) sum += value[r[t] * c_cols + c];
-        out[s * c_cols + c] = sum / static_cast<double>(t_trees);
-      }
-    }
+    for (int64_t i = s0 * c_cols; i < s1 * c_cols; ++i) out[i] /= static_cast<double>(t_trees);
   });
 }
 
