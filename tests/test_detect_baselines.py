@@ -57,3 +57,70 @@ def test_nic_every_provenance_invariant_ranks_adversarial_as_atypical(digits, fg
     dc, da = _invariant_decisions(old, xte), _invariant_decisions(old, fgsm_test)
     aucs_old = [roc_auc_score(y, -np.r_[dc[:, k], da[:, k]]) for k in range(n_vi, dc.shape[1])]
     assert min(aucs_old) < 0.5, aucs_old
+
+
+# ----------------------------------------------------------------------------- Feature Squeezing
+def test_median_filter_all_window_sizes_match_scipy():
+    from scipy.ndimage import median_filter as sp_median
+
+    from robustops.detect import median_filter
+    g = torch.Generator().manual_seed(1)
+    # quantised values force ties inside windows, the case where the chosen rank matters
+    x = (torch.randint(0, 4, (2, 3, 11, 6), generator=g) / 3).double()
+    for k in (2, 3, 4, 5):
+        ref = sp_median(x.numpy(), size=(1, 1, k, k), mode="reflect")
+        torch.testing.assert_close(median_filter(x, k), torch.from_numpy(ref), rtol=0, atol=0)
+
+
+def test_bit_depth_matches_numpy_rint_every_depth_including_ties():
+    from robustops.detect import bit_depth
+    # exact ties (k + 0.5) / (2^b - 1): numpy's rint and torch.round both round half to even
+    for b in range(1, 9):
+        lv = 2 ** b - 1
+        x = torch.cat([torch.linspace(0, 1, 257, dtype=torch.float64),
+                       (torch.arange(lv, dtype=torch.float64) + 0.5) / lv])
+        ref = np.rint(x.numpy() * lv) / lv
+        torch.testing.assert_close(bit_depth(x, b), torch.from_numpy(ref), rtol=0, atol=0)
+        assert len(torch.unique(bit_depth(x, b))) == lv + 1
+
+
+def test_fs_threshold_is_the_clean_quantile_and_score_is_max_l1(digits):
+    from robustops.detect import FeatureSqueezingDetector, bit_depth, median_filter
+    model, xtr, ytr, xte, yte = digits
+    fs = FeatureSqueezingDetector(model, ("bit_depth_3", "median_3x3"), fpr=0.05).fit(xtr[:400])
+    with torch.no_grad():
+        p = model(xtr[:400]).softmax(1).double().numpy()
+        d = [np.abs(model(f(xtr[:400])).softmax(1).double().numpy() - p).sum(1)
+             for f in (lambda x: bit_depth(x, 3), lambda x: median_filter(x, 3))]
+    ref = np.maximum(*d)
+    np.testing.assert_allclose(fs.clean_scores_.numpy(), ref, rtol=1e-5, atol=1e-6)
+    assert fs.threshold_ == pytest.approx(np.quantile(ref, 0.95), rel=1e-5, abs=1e-6)
+
+
+def test_select_squeezers_rule_against_manual_agreement(digits):
+    from robustops.detect import bit_depth, median_filter, select_squeezers, squeezer_agreement
+    model, xtr, ytr, xte, yte = digits
+    x = xtr[:500]
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+        manual = {f"bit_depth_{b}": int((model(bit_depth(x, b)).argmax(1) == pred).sum()) / len(x) for b in (1, 2, 3, 4, 5)}
+        manual.update({f"median_{k}x{k}": int((model(median_filter(x, k)).argmax(1) == pred).sum()) / len(x)
+                       for k in (2, 3)})
+    agree = squeezer_agreement(model, x)
+    assert agree.keys() == manual.keys()
+    for k in manual:
+        assert agree[k] == pytest.approx(manual[k], abs=1e-12)
+    for thr in (0.5, 0.9, 0.97, 0.99, 1.0):
+        bits = [b for b in (1, 2, 3, 4, 5) if manual[f"bit_depth_{b}"] >= thr]
+        meds = [k for k in (2, 3) if manual[f"median_{k}x{k}"] >= thr]
+        want = tuple([f"bit_depth_{min(bits)}"] if bits else []) + tuple([f"median_{max(meds)}x{max(meds)}"] if meds else [])
+        if not want:
+            with pytest.raises(ValueError, match="no squeezer keeps"):
+                select_squeezers(model, x, min_agreement=thr)
+        else:
+            assert select_squeezers(model, x, min_agreement=thr) == want
+    assert select_squeezers(model, x, min_agreement=1e-9) == ("bit_depth_1", "median_3x3")
+    with pytest.raises(ValueError, match="min_agreement"):
+        select_squeezers(model, x, min_agreement=0)
+    with pytest.raises(ValueError, match="unknown squeezer"):
+        select_squeezers(model, x, candidates=("blur",))

@@ -21,12 +21,12 @@ from .forest import TensorForest
 from .lasso import MuLassoResult, mu_lasso, project_l1_ball
 from .nic import NICDetector
 from .relevant import RelevantNeuronDetector, relevant_neurons
-from .squeeze import FeatureSqueezingDetector, bit_depth, median_filter
+from .squeeze import FeatureSqueezingDetector, bit_depth, median_filter, select_squeezers, squeezer_agreement
 
 __all__ = [
     "RelevantNeuronDetector", "FeatureSqueezingDetector", "NICDetector", "ActivationRecorder",
     "relevant_neurons", "mu_lasso", "evaluate_detector",
     "Detector", "NotFittedError", "ShapeMismatchError", "NoAdversarialError", "NoLayersError",
     "MuLassoResult", "project_l1_ball", "neuron_features", "normalize_features", "select_layers",
-    "TensorForest", "bit_depth", "median_filter", "extract", "Extracted",
+    "TensorForest", "bit_depth", "median_filter", "extract", "Extracted", "select_squeezers", "squeezer_agreement",
 ]
