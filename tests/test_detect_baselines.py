@@ -124,3 +124,28 @@ def test_select_squeezers_rule_against_manual_agreement(digits):
         select_squeezers(model, x, min_agreement=0)
     with pytest.raises(ValueError, match="unknown squeezer"):
         select_squeezers(model, x, candidates=("blur",))
+
+
+def test_fs_on_binary_images_undoes_fgsm_exactly():
+    """The regime of the paper's MNIST result: on {0, 1} images any perturbation smaller than
+    0.5 is removed exactly by 1-bit depth, so the squeezed FGSM image *is* the clean image, every
+    clean score is 0 and every successful FGSM image scores its softmax jump (detected)."""
+    from robustops.detect import FeatureSqueezingDetector, bit_depth, evaluate_detector
+    xtr, ytr = data.as_tensors(data.load("digits", split="train"))
+    xte, yte = data.as_tensors(data.load("digits", split="test"))
+    xtr, xte = (xtr > 0.5).float(), (xte > 0.5).float()
+    torch.manual_seed(0)
+    model = models.small_cnn()
+    models.train(model, (xtr, ytr), epochs=3, optimizer="adam", lr=3e-3, seed=0)
+    model.eval()
+    adv = FGSM(model, eps=0.3)(xte, yte)
+    with torch.no_grad():
+        ok = model(adv).argmax(1) != model(xte).argmax(1)
+        jump = (model(adv[ok]).softmax(1) - model(xte[ok]).softmax(1)).abs().sum(1)
+    assert int(ok.sum()) > 50
+    torch.testing.assert_close(bit_depth(adv, 1), xte, rtol=0, atol=0)
+    fs = FeatureSqueezingDetector(model, ("bit_depth_1",), fpr=0.05).fit(xtr)
+    assert fs.threshold_ == 0.0 and float(fs.clean_scores_.abs().max()) == 0.0
+    torch.testing.assert_close(fs.score(adv[ok]), jump, rtol=1e-5, atol=1e-6)
+    res = evaluate_detector(fs, xte, adv[ok])
+    assert res["tpr"] == 1.0 and res["fpr"] == 0.0
