@@ -264,8 +264,8 @@ def main(argv=None):
     p.add_argument("--attacks", nargs="*", help="run only attacks whose name starts with these (e.g. FGSM JSMA)")
     p.add_argument("--only-baselines", action="store_true",
                    help="FS and NIC rows only: attack the test images, skip ours (no forests)")
-    p.add_argument("--n-baseline-clean", type=int, default=1000,
-                   help="correctly classified clean training images that fit FS and NIC (clean data only)")
+    p.add_argument("--n-baseline-clean", type=int, default=2000,
+                   help="correctly classified clean training images that fit FS and NIC (clean data only; digits has 1,333)")
     p.add_argument("--fs-min-agreement", type=float, default=0.99,
                    help="select_squeezers: fraction of clean predictions a squeezer must keep")
     p.add_argument("--json", default="detect_experiment.json")

@@ -35,11 +35,6 @@ def fgsm_test(digits):
     return adv[ok]
 
 
-def _invariant_decisions(nic, x):
-    acts, _ = nic._activations(x)
-    return nic._decisions([nic._apply(s, a) for s, a in zip(nic.reducers_, acts)])
-
-
 def test_nic_every_provenance_invariant_ranks_adversarial_as_atypical(digits, fgsm_test):
     """Each provenance invariant (one-class SVM on adjacent layers' probe outputs) must give
     FGSM images lower decision values than clean test images (AUC > 0.5). With softmax
@@ -47,15 +42,18 @@ def test_nic_every_provenance_invariant_ranks_adversarial_as_atypical(digits, fg
     value was inverted: AUC 0.02-0.5 on the README's experiment."""
     model, xtr, ytr, xte, yte = digits
     nic = NICDetector(model, nu=0.1, seed=0).fit(xtr)
-    dc, da = _invariant_decisions(nic, xte), _invariant_decisions(nic, fgsm_test)
-    y = np.r_[np.zeros(len(dc)), np.ones(len(da))]
+    sc, sa = nic.invariant_scores(xte).numpy(), nic.invariant_scores(fgsm_test).numpy()
+    assert nic.invariant_names == ["value:conv1", "value:conv2", "value:fc1", "value:fc2", "provenance:conv1->conv2",
+                                   "provenance:conv2->fc1", "provenance:fc1->fc2"]
+    np.testing.assert_array_equal(nic.score(xte).numpy(), sc.max(1))
+    y = np.r_[np.zeros(len(sc)), np.ones(len(sa))]
     n_vi = len(nic.vi_)
-    aucs = [roc_auc_score(y, -np.r_[dc[:, k], da[:, k]]) for k in range(dc.shape[1])]
+    aucs = [roc_auc_score(y, np.r_[sc[:, k], sa[:, k]]) for k in range(sc.shape[1])]
     assert all(a > 0.6 for a in aucs[n_vi:]), aucs
     # the old probe output (softmax probabilities) inverts some of them: the failure mode fixed
     old = NICDetector(model, nu=0.1, seed=0, probe_output="softmax").fit(xtr)
-    dc, da = _invariant_decisions(old, xte), _invariant_decisions(old, fgsm_test)
-    aucs_old = [roc_auc_score(y, -np.r_[dc[:, k], da[:, k]]) for k in range(n_vi, dc.shape[1])]
+    sc, sa = old.invariant_scores(xte).numpy(), old.invariant_scores(fgsm_test).numpy()
+    aucs_old = [roc_auc_score(y, np.r_[sc[:, k], sa[:, k]]) for k in range(n_vi, sc.shape[1])]
     assert min(aucs_old) < 0.5, aucs_old
 
 

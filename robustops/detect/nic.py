@@ -223,9 +223,21 @@ class NICDetector(Detector):
     def _combine(self, d: np.ndarray) -> np.ndarray:
         return (-(d - self.loc_) / self.scale_).max(1)
 
-    def score(self, x) -> torch.Tensor:
-        """Standardised violation of the most violated invariant ``[N]`` (float64, CPU)."""
-        self._check_fitted("score")
+    @property
+    def invariant_names(self) -> List[str]:
+        """Names of the invariants, in the column order of :meth:`invariant_scores`:
+        ``"value:<layer>"`` for each layer, then ``"provenance:<layer>-><next layer>"``."""
+        names = self.layer_names
+        return [f"value:{n}" for n in names] + [f"provenance:{a}->{b}" for a, b in zip(names, names[1:])]
+
+    def invariant_scores(self, x) -> torch.Tensor:
+        """Standardised violation of every invariant ``[N, K]`` (float64, CPU; columns as
+        :attr:`invariant_names`; higher = less like the clean images). ``score`` is the row max."""
+        self._check_fitted("invariant_scores")
         acts, _ = self._activations(x)
         reduced = [self._apply(steps, a) for steps, a in zip(self.reducers_, acts)]
-        return torch.from_numpy(self._combine(self._decisions(reduced)))
+        return torch.from_numpy(-(self._decisions(reduced) - self.loc_) / self.scale_)
+
+    def score(self, x) -> torch.Tensor:
+        """Standardised violation of the most violated invariant ``[N]`` (float64, CPU)."""
+        return self.invariant_scores(x).amax(1)
