@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import detect_experiment as X  # noqa: E402
 
 from robustops import models  # noqa: E402
-from robustops.detect import NICDetector, squeezer_agreement  # noqa: E402
+from robustops.detect import FeatureSqueezingDetector, NICDetector, evaluate_detector, squeezer_agreement  # noqa: E402
 from robustops.detect.squeeze import CANDIDATE_SQUEEZERS, _squeezer  # noqa: E402
 
 
@@ -58,6 +58,11 @@ def squeeze_table(model, x_clean_fit, x_test, y_test, advs):
             row.append(f"{float((q.argmax(1) == ya).float().mean()):.2f} / {float(sc.median()):.3f} / "
                        f"{float((sc > thr[s]).float().mean()):.2f}")
         print(f"| {s} | " + " | ".join(row) + " |")
+    fs = FeatureSqueezingDetector(model, ("bit_depth_1", "median_2x2"), fpr=0.05).fit(x_clean_fit)
+    for a, (adv, ok) in advs.items():
+        r = evaluate_detector(fs, x_test[:adv.shape[0]], adv[ok])
+        print(f"FS bit_depth_1+median_2x2 (threshold {fs.threshold_:.3f}), {a}: accuracy {r['accuracy']:.3f} "
+              f"(TPR {r['tpr']:.2f}, FPR {r['fpr']:.3f}, AUC {r['roc_auc']:.3f}, {r['n_adv']} adversarial)")
 
 
 def nic_table(model, x_clean_fit, x_test, advs):
