@@ -4,20 +4,20 @@ with Neural Network Invariant Checking"), Sec. IV, fitted on clean images only.
 * **Value invariants** (VI): per layer, a one-class SVM on the layer's activations of clean
   images (all of the layer's values, as in the paper). The activations are standardised and,
   when a layer has more than ``max_dims`` values, projected by PCA to ``max_dims`` components
-  (fitted on the clean images; a kernel SVM on 20k-dimensional conv maps would be slow and no
-  better conditioned). ``pool`` optionally average-pools conv maps first (off by default:
+  (fitted on the clean images; the first conv layer of Papernot's MNIST net has 21,632 values
+  per image, too many for kernel SVMs on thousands of images). ``pool`` optionally average-pools conv maps first (off by default:
   pooling to 4 x 4 per channel averaged FGSM's pixel-wise noise away and cut the first conv
-  layer's AUC on FGSM eps=0.1 from 0.97 to 0.42 in the README's digits experiment).
+  layer's AUC on FGSM eps=0.1 from 0.98 to 0.41 in the README's digits experiment).
 * **Provenance invariants** (PI): per layer a linear probe (softmax regression, trained on the
   clean images to predict the model's output class from the reduced activations); for each pair
   of adjacent layers a one-class SVM on the concatenated probe outputs ``[o_l, o_{l+1}]``.
   The probe outputs are **log**-probabilities by default (``probe_output="log_softmax"``): the
   probes fit clean training images almost perfectly, so their probabilities sit at the corners
-  of the simplex, and an RBF one-class SVM on such point masses puts its support vectors
-  (hence its largest decision values) on the few in-between points -- adversarial images,
-  whose layers disagree, then scored as *more* typical than clean ones (AUC 0.02-0.49 per
-  invariant in the README's experiment). Log-probabilities keep the confidence spread and
-  restore the intended ordering (AUC 0.6-0.94); ``"softmax"`` keeps the old behaviour.
+  of the simplex; measured: on probabilities the provenance SVMs scored adversarial images,
+  whose layers' probes disagree, as *more* typical than clean ones (AUC 0.02-0.49 per invariant
+  in the README's experiment; likely mechanism: an RBF one-class SVM on near point masses puts
+  its support vectors, hence its largest decision values, on the few in-between points). Log-probabilities keep the confidence spread and
+  restore the intended ordering (AUC 0.62-0.93); ``"softmax"`` keeps the old behaviour.
 * **Combination**: every SVM's decision value ``d_k(x)`` (positive inside the clean region) is
   standardised by its mean and spread on held-out clean images (the ``calibration`` fraction,
   not used to fit the SVMs or probes; on the training images the decision values are biased
