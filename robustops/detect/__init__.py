@@ -5,6 +5,7 @@
                                + random forest on their responses (Sec. 4.2, Alg. 1-2)
 ``FeatureSqueezingDetector``   Xu et al. 2018: L1 distance of softmax outputs under squeezing
 ``NICDetector``                Ma et al. 2019: value + provenance invariants (one-class SVMs)
+``select_squeezers``           Feature Squeezing's squeezers for a data set, from clean images
 ``evaluate_detector``          accuracy, TPR, FPR, ROC AUC on held-out clean/adversarial sets
 ``ActivationRecorder``         forward hooks (context manager) recording per-layer features
 ``relevant_neurons``           relevant neuron indices per class from features and labels
