@@ -3,6 +3,7 @@
     python examples/detect_experiment.py                  # both data sets, default budget
     python examples/detect_experiment.py --quick          # smoke run (digits, tiny)
     python examples/detect_experiment.py --datasets digits --n-train 1000 --trees 100
+    python examples/detect_experiment.py --only-baselines      # FS and NIC rows only (no forests)
 
 Per data set: train Papernot's MNIST net (``robustops.models.papernot_mnist``), attack a
 training subset and a test subset with the package's own attacks (explicit settings below),
@@ -12,7 +13,11 @@ keep the successful adversarial examples, then
   x variant {shared, clean, symdiff} x {with, without label}, and the number of selected
   neurons per class;
 * Table 3 (reduced): ours at mu=10 / mu=20 (shared, with label) beside Feature Squeezing and
-  NIC (both fitted on clean training images only);
+  NIC, both fitted on ``--n-baseline-clean`` correctly classified clean training images only
+  (they need no adversarial data, so they get more clean images than ours' 300 pairs). Feature
+  Squeezing twice: with the paper's MNIST squeezers (1-bit depth + 2x2 median) and with the
+  squeezers ``select_squeezers`` picks for the data set from the same clean images (strongest
+  bit depth / median that keeps the model's prediction on >= 99% of them);
 * the sparsity of the selection at mu=10 under the two normalisations (``l2`` / ``sum_l2``).
 
 Detection accuracy is over the clean test images and the successful adversarial test images
@@ -35,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from robustops import data, models  # noqa: E402
 from robustops.attacks import CWL2, FGSM, JSMA  # noqa: E402
 from robustops.detect import (FeatureSqueezingDetector, NICDetector, RelevantNeuronDetector,  # noqa: E402
-                              evaluate_detector, extract, relevant_neurons)
+                              evaluate_detector, extract, relevant_neurons, select_squeezers, squeezer_agreement)
 
 MUS = (100, 20, 10)
 VARIANTS = ("shared", "clean", "symdiff")
@@ -86,36 +91,62 @@ def run_dataset(name, args, out):
     gen = torch.Generator().manual_seed(1)
     xa_tr, ya_tr = correct_subset(model, xtr, ytr, args.n_train, gen)
     xa_te, ya_te = correct_subset(model, xte, yte, args.n_test, gen)
+    # clean training images for the baselines (clean-only fitting): drawn with their own generator
+    # so that the images of ours (xa_tr, xa_te) stay those of the runs without this option
+    xb_tr, _ = correct_subset(model, xtr, ytr, args.n_baseline_clean, torch.Generator().manual_seed(2))
     res = {"dataset": name, "model": "papernot_mnist", "epochs": epochs, "train_images": int(xtr.shape[0]),
            "clean_test_accuracy": acc, "n_train": int(xa_tr.shape[0]), "n_test": int(xa_te.shape[0]),
-           "attacks": {}}
+           "n_baseline_clean": int(xb_tr.shape[0]), "attacks": {}}
     print(f"\n## {name}: papernot_mnist trained {epochs} epochs on {xtr.shape[0]} images, clean test accuracy "
-          f"{acc:.3f}; detector train/test: {xa_tr.shape[0]}/{xa_te.shape[0]} correctly classified images", flush=True)
+          f"{acc:.3f}; detector train/test: {xa_tr.shape[0]}/{xa_te.shape[0]} correctly classified images; "
+          f"FS/NIC fitted on {xb_tr.shape[0]} clean training images", flush=True)
 
-    # normalisation: sparsity of the clean selection at mu=10
-    norm = {}
-    for nz in ("l2", "sum_l2"):
-        e = extract(model, xa_tr, None, nz)
-        sets = relevant_neurons(e.features.double(), e.predictions, 10.0, 10, max_iter=1000, tol=1e-4)
-        m = e.features.shape[1]
-        norm[nz] = {"m": m, "mean_selected": sum(len(s) for s in sets) / 10,
-                    "fraction": sum(len(s) for s in sets) / (10 * m)}
-    res["normalize_mu10"] = norm
-    print(f"selection at mu=10 (clean, mean per class of m={norm['l2']['m']} neurons): "
-          + ", ".join(f"{k}: {v['mean_selected']:.1f} ({100 * v['fraction']:.1f}%)" for k, v in norm.items()))
+    if not args.only_baselines:
+        # normalisation: sparsity of the clean selection at mu=10
+        norm = {}
+        for nz in ("l2", "sum_l2"):
+            e = extract(model, xa_tr, None, nz)
+            sets = relevant_neurons(e.features.double(), e.predictions, 10.0, 10, max_iter=1000, tol=1e-4)
+            m = e.features.shape[1]
+            norm[nz] = {"m": m, "mean_selected": sum(len(s) for s in sets) / 10,
+                        "fraction": sum(len(s) for s in sets) / (10 * m)}
+        res["normalize_mu10"] = norm
+        print(f"selection at mu=10 (clean, mean per class of m={norm['l2']['m']} neurons): "
+              + ", ".join(f"{k}: {v['mean_selected']:.1f} ({100 * v['fraction']:.1f}%)" for k, v in norm.items()))
 
     t = time.perf_counter()
-    fs = FeatureSqueezingDetector(model, ("bit_depth_1", "median_2x2"), fpr=0.05).fit(xa_tr)
-    nic = NICDetector(model, nu=0.1, fpr=0.05, seed=0).fit(xa_tr)
+    fs = FeatureSqueezingDetector(model, ("bit_depth_1", "median_2x2"), fpr=0.05).fit(xb_tr)
+    agree = squeezer_agreement(model, xb_tr)
+    chosen = select_squeezers(model, xb_tr, min_agreement=args.fs_min_agreement)
+    fs_sel = FeatureSqueezingDetector(model, chosen, fpr=0.05).fit(xb_tr)
+    res["fs_squeezer_agreement"], res["fs_selected"] = agree, list(chosen)
+    res["fs_thresholds"] = {"paper": fs.threshold_, "selected": fs_sel.threshold_}
+    print("FS: clean predictions kept by each squeezer: " + ", ".join(f"{k} {v:.3f}" for k, v in agree.items())
+          + f"; selected (>= {args.fs_min_agreement}): {'+'.join(chosen)}; thresholds: bit_depth_1+median_2x2 "
+          f"{fs.threshold_:.3f}, selected {fs_sel.threshold_:.3f}", flush=True)
+    nic = NICDetector(model, nu=0.1, fpr=0.05, seed=0).fit(xb_tr)
     res["baseline_fit_s"] = time.perf_counter() - t
-    clean_tr = extract(model, xa_tr, normalize=args.normalize)
-    clean_te = extract(model, xa_te, normalize=args.normalize)
+    if not args.only_baselines:
+        clean_tr = extract(model, xa_tr, normalize=args.normalize)
+        clean_te = extract(model, xa_te, normalize=args.normalize)
     for aname, atk in attacks(args).items():
         if args.attacks and not any(aname.startswith(a) for a in args.attacks):
             continue
         t = time.perf_counter()
         ntr = args.n_train if not aname.startswith("CW") else min(args.n_train, args.n_cw)
         nte = args.n_test if not aname.startswith("CW") else min(args.n_test, args.n_cw)
+        if args.only_baselines:
+            adv_te = atk(model, xa_te[:nte], ya_te[:nte])
+            with torch.no_grad():
+                ok_te = model(adv_te).argmax(1) != model(xa_te[:nte]).argmax(1)
+            ar = {"attack_s": time.perf_counter() - t, "success_test": float(ok_te.float().mean()),
+                  "n_adv_test": int(ok_te.sum())}
+            print(f"\n### {name} / {aname}: success {ar['success_test']:.2f} test ({ar['n_adv_test']}); "
+                  f"attack took {ar['attack_s']:.0f} s", flush=True)
+            if ar["n_adv_test"] >= 10:
+                evaluate_baselines(ar, fs, fs_sel, nic, xa_te[:nte], adv_te[ok_te])
+            res["attacks"][aname] = ar
+            continue
         adv_tr = atk(model, xa_tr[:ntr], ya_tr[:ntr])
         adv_te = atk(model, xa_te[:nte], ya_te[:nte])
         t_attack = time.perf_counter() - t
@@ -159,14 +190,23 @@ def run_dataset(name, args, out):
                         ar["counts"][f"mu={mu}|{variant}"] = {"min": min(cnt), "max": max(cnt),
                                                               "mean": sum(cnt) / len(cnt), "of": det.n_features_}
         ar["ours_fit_s"] = time.perf_counter() - t
-        sub_te = adv_te[ok_te]
-        ar["FS"] = evaluate_detector(fs, xa_te[:nte], sub_te)
-        ar["NIC"] = evaluate_detector(nic, xa_te[:nte], sub_te)
+        evaluate_baselines(ar, fs, fs_sel, nic, xa_te[:nte], adv_te[ok_te])
         res["attacks"][aname] = ar
         print_table1(aname, ar)
     res["total_s"] = time.perf_counter() - t0
     out.append(res)
     print_table3(name, res)
+
+
+def evaluate_baselines(ar, fs, fs_sel, nic, clean, adv):
+    t = time.perf_counter()
+    ar["FS"] = evaluate_detector(fs, clean, adv)
+    ar["FS_selected"] = evaluate_detector(fs_sel, clean, adv)
+    ar["NIC"] = evaluate_detector(nic, clean, adv)
+    ar["baselines_eval_s"] = time.perf_counter() - t
+    for k in ("NIC", "FS", "FS_selected"):
+        r = ar[k]
+        print(f"{k}: accuracy {r['accuracy']:.3f} (TPR {r['tpr']:.2f}, FPR {r['fpr']:.2f}, AUC {r['roc_auc']:.3f})")
 
 
 def fmt(v):
@@ -188,13 +228,18 @@ def print_table1(aname, ar):
 
 def print_table3(name, res):
     print(f"\n### {name}: comparison (detection accuracy; FS/NIC threshold at 5% FPR on clean training images)")
-    print("| attack | ours mu=10 | ours mu=20 | NIC | Feature Squeezing |")
-    print("|---|---|---|---|---|")
+    sel = "+".join(res["fs_selected"])
+    print(f"| attack | ours mu=10 | ours mu=20 | NIC | FS bit_depth_1+median_2x2 | FS {sel} |")
+    print("|---|---|---|---|---|---|")
+
+    def cell(r):
+        return f"{r['accuracy']:.3f} (TPR {r['tpr']:.2f}, FPR {r['fpr']:.2f}, AUC {r['roc_auc']:.2f})"
     for aname, ar in res["attacks"].items():
         if "FS" not in ar:
             continue
-        print(f"| {aname} | {fmt(ar['ours'].get('mu=10|shared|label'))} | {fmt(ar['ours'].get('mu=20|shared|label'))} | "
-              f"{ar['NIC']['accuracy']:.3f} | {ar['FS']['accuracy']:.3f} |")
+        ours = ar.get("ours", {})
+        print(f"| {aname} | {fmt(ours.get('mu=10|shared|label'))} | {fmt(ours.get('mu=20|shared|label'))} | "
+              f"{cell(ar['NIC'])} | {cell(ar['FS'])} | {cell(ar['FS_selected'])} |")
 
 
 def main(argv=None):
@@ -217,12 +262,18 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--normalize", default="l2", choices=("l2", "sum_l2"), help="feature normalisation of ours")
     p.add_argument("--attacks", nargs="*", help="run only attacks whose name starts with these (e.g. FGSM JSMA)")
+    p.add_argument("--only-baselines", action="store_true",
+                   help="FS and NIC rows only: attack the test images, skip ours (no forests)")
+    p.add_argument("--n-baseline-clean", type=int, default=2000,
+                   help="correctly classified clean training images that fit FS and NIC (clean data only; digits has 1,333)")
+    p.add_argument("--fs-min-agreement", type=float, default=0.99,
+                   help="select_squeezers: fraction of clean predictions a squeezer must keep")
     p.add_argument("--json", default="detect_experiment.json")
     p.add_argument("--quick", action="store_true", help="digits only, 200/100 images, 30 trees, 10 epochs")
     args = p.parse_args(argv)
     if args.quick:
         args.datasets, args.n_train, args.n_test, args.n_cw, args.trees = ["digits"], 200, 100, 60, 30
-        args.epochs_digits, args.cw_steps, args.cw_bss = 10, 30, 2
+        args.epochs_digits, args.cw_steps, args.cw_bss, args.n_baseline_clean = 10, 30, 2, 300
     torch.set_num_threads(args.threads)
     print(f"settings: {vars(args)}")
     out = []

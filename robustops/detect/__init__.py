@@ -5,6 +5,7 @@
                                + random forest on their responses (Sec. 4.2, Alg. 1-2)
 ``FeatureSqueezingDetector``   Xu et al. 2018: L1 distance of softmax outputs under squeezing
 ``NICDetector``                Ma et al. 2019: value + provenance invariants (one-class SVMs)
+``select_squeezers``           Feature Squeezing's squeezers for a data set, from clean images
 ``evaluate_detector``          accuracy, TPR, FPR, ROC AUC on held-out clean/adversarial sets
 ``ActivationRecorder``         forward hooks (context manager) recording per-layer features
 ``relevant_neurons``           relevant neuron indices per class from features and labels
@@ -21,12 +22,12 @@ from .forest import TensorForest
 from .lasso import MuLassoResult, mu_lasso, project_l1_ball
 from .nic import NICDetector
 from .relevant import RelevantNeuronDetector, relevant_neurons
-from .squeeze import FeatureSqueezingDetector, bit_depth, median_filter
+from .squeeze import FeatureSqueezingDetector, bit_depth, median_filter, select_squeezers, squeezer_agreement
 
 __all__ = [
     "RelevantNeuronDetector", "FeatureSqueezingDetector", "NICDetector", "ActivationRecorder",
     "relevant_neurons", "mu_lasso", "evaluate_detector",
     "Detector", "NotFittedError", "ShapeMismatchError", "NoAdversarialError", "NoLayersError",
     "MuLassoResult", "project_l1_ball", "neuron_features", "normalize_features", "select_layers",
-    "TensorForest", "bit_depth", "median_filter", "extract", "Extracted",
+    "TensorForest", "bit_depth", "median_filter", "extract", "Extracted", "select_squeezers", "squeezer_agreement",
 ]

@@ -12,6 +12,13 @@ Squeezers (all batched torch ops):
   as ``scipy.ndimage.median_filter(size=k, mode="reflect")`` computes it: for even k the window
   covers rows/cols ``i - k//2 .. i + k//2 - 1`` and the median of the k^2 values is the upper one
   (rank k^2 // 2).
+
+Which squeezers: the paper picks them per data set (MNIST: 1-bit depth + 2x2 median; CIFAR-10
+and ImageNet: 5-bit depth + 2x2 median + non-local means, the last not offered here).
+:func:`select_squeezers` makes that choice from clean images only: a squeezer that changes the
+model's prediction on more than ``fpr`` of the clean images pushes the threshold to a
+class-changing distance (up to 2) and then detects almost nothing -- e.g. 1-bit depth on
+Fashion-MNIST's grey-level images, which changes the prediction of ~23% of them.
 """
 from __future__ import annotations
 
@@ -28,7 +35,8 @@ from .._guard import frozen_model, model_device
 from .base import Detector
 from .features import _iter_images
 
-__all__ = ["FeatureSqueezingDetector", "bit_depth", "median_filter", "SQUEEZERS"]
+__all__ = ["FeatureSqueezingDetector", "bit_depth", "median_filter", "select_squeezers", "squeezer_agreement", "SQUEEZERS",
+           "CANDIDATE_SQUEEZERS"]
 
 FORMAT = "robustops.detect.FeatureSqueezingDetector/1"
 
@@ -80,6 +88,88 @@ def _squeezer(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 SQUEEZERS = ("bit_depth_1", "bit_depth_4", "median_2x2", "median_3x3")
+
+#: Candidates of :func:`select_squeezers`: the bit depths and median windows of the paper's Sec. 4.
+CANDIDATE_SQUEEZERS = ("bit_depth_1", "bit_depth_2", "bit_depth_3", "bit_depth_4", "bit_depth_5",
+                       "median_2x2", "median_3x3")
+
+
+def _strength(name: str):
+    """(family, strength): fewer bits / a wider window squeeze more."""
+    m = _BIT.match(name)
+    if m:
+        return "bit_depth", -int(m.group(1))
+    m = _MED.match(name)
+    if m:
+        return "median", int(m.group(1))
+    _squeezer(name)                      # raises the named error
+    raise AssertionError(name)  # pragma: no cover
+
+
+def squeezer_agreement(model: nn.Module, x_clean, squeezers: Sequence[str] = CANDIDATE_SQUEEZERS,
+                       batch_size: int = 512) -> Dict[str, float]:
+    """Fraction of ``x_clean`` (images ``[N, C, H, W]`` in [0, 1], or batches) on which each
+    squeezer keeps the model's predicted class: ``{name: agreement in [0, 1]}``."""
+    if isinstance(squeezers, str):
+        squeezers = (squeezers,)
+    fns = {s: _squeezer(s) for s in squeezers}
+    same = {s: 0 for s in fns}
+    n = 0
+    with frozen_model(model), torch.no_grad():
+        for xb in _iter_images(x_clean, batch_size, "x_clean"):
+            check_images(xb, name="x_clean")
+            xb = xb.to(model_device(model, xb.device))
+            pred = as_logits(model(xb), xb.shape[0]).argmax(1)
+            for s, fn in fns.items():
+                same[s] += int((as_logits(model(fn(xb)), xb.shape[0]).argmax(1) == pred).sum())
+            n += xb.shape[0]
+    return {s: same[s] / n for s in fns}
+
+
+def select_squeezers(model: nn.Module, x_clean, candidates: Sequence[str] = CANDIDATE_SQUEEZERS,
+                     min_agreement: float = 0.99, batch_size: int = 512) -> tuple:
+    """Choose Feature Squeezing's squeezers for a data set from clean images only.
+
+    Per family (bit depth, median filter) the strongest candidate (fewest bits, widest window)
+    whose squeezed clean images keep the model's predicted class on at least ``min_agreement``
+    of ``x_clean``; a family with no such candidate is left out. This formalises the paper's
+    per-data-set choice (Xu et al. 2018, Sec. 4-5: squeezers that cost little clean accuracy)
+    without looking at adversarial examples. ``min_agreement`` should stay well above
+    ``1 - fpr``: a squeezer that changes more than ``fpr`` of the clean predictions sets the
+    threshold at a class-changing L1 distance.
+
+    Args:
+        model: classifier returning logits; never modified.
+        x_clean: clean images ``[N, C, H, W]`` in [0, 1] (or batches), e.g. the images ``fit``
+            will use.
+        candidates: squeezer names (``"bit_depth_<b>"``, ``"median_<k>x<k>"``).
+        min_agreement: in (0, 1].
+
+    Returns:
+        a tuple of squeezer names for ``FeatureSqueezingDetector(model, squeezers=...)``:
+        the chosen bit depth first, then the chosen median.
+
+    Raises:
+        ValueError: unknown squeezer, ``min_agreement`` outside (0, 1], or no candidate passes.
+    """
+    if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) or not 0 < min_agreement <= 1:
+        raise ValueError(f"min_agreement must be a number in (0, 1], got {min_agreement!r}")
+    if isinstance(candidates, str):
+        candidates = (candidates,)
+    candidates = tuple(candidates)
+    if not candidates:
+        raise ValueError("candidates must name at least one squeezer")
+    strength = {c: _strength(c) for c in candidates}
+    agree = squeezer_agreement(model, x_clean, candidates, batch_size)
+    chosen = []
+    for family in ("bit_depth", "median"):
+        ok = [c for c in candidates if strength[c][0] == family and agree[c] >= min_agreement]
+        if ok:
+            chosen.append(max(ok, key=lambda c: strength[c][1]))
+    if not chosen:
+        raise ValueError(f"no squeezer keeps the model's prediction on {min_agreement:.0%} of the clean images "
+                         f"(agreement: {', '.join(f'{k} {v:.3f}' for k, v in agree.items())})")
+    return tuple(chosen)
 
 
 class FeatureSqueezingDetector(Detector):
