@@ -1,13 +1,14 @@
 // CUDA kernel of forest_leaf_masks, on the current stream, in two launches: one thread per
-// (sample, tree) ANDs that tree's masks (contiguous per tree) over the inputs and writes the value row of its leaf;
+// (sample, tree) ANDs that tree's masks over the inputs and writes the value row of its leaf;
 // then one thread per (sample, column) adds the rows in tree order from zero (scikit-learn's
 // order, so the result is the CPU kernel's bit for bit). Corrupt tables set an error flag (and
 // read row 0 instead), which the host turns into an error after the second launch.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <algorithm>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "../forest_leaf_masks_checks.h"
 
