@@ -27,6 +27,21 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def digits_cnn_trained():
+    """``small_cnn`` trained on sklearn's digits (seeded) and the data: ``(model, x_train,
+    y_train, x_test, y_test)``. Shared by the detector test modules; tests must leave the model
+    unchanged (the package guarantees it, and the detector tests check it)."""
+    from robustops import data, models
+    torch.manual_seed(0)
+    xtr, ytr = data.as_tensors(data.load("digits", split="train"))
+    xte, yte = data.as_tensors(data.load("digits", split="test"))
+    model = models.small_cnn()
+    models.train(model, (xtr, ytr), epochs=6, optimizer="adam", lr=3e-3, seed=0)
+    model.eval()
+    return model, xtr, ytr, xte, yte
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)

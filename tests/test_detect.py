@@ -22,26 +22,15 @@ sklearn = pytest.importorskip("sklearn")
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def digits():
-    torch.manual_seed(0)
-    xtr, ytr = data.as_tensors(data.load("digits", split="train"))
-    xte, yte = data.as_tensors(data.load("digits", split="test"))
-    model = models.small_cnn()
-    models.train(model, (xtr, ytr), epochs=6, optimizer="adam", lr=3e-3, seed=0)
-    model.eval()
-    return model, xtr, ytr, xte, yte
-
-
-@pytest.fixture(scope="module")
-def adv(digits):
-    model, xtr, ytr, xte, yte = digits
+def adv(digits_cnn_trained):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     atk = FGSM(model, eps=0.3)
     return atk(xtr, ytr), atk(xte, yte)
 
 
 @pytest.fixture(scope="module")
-def fitted(digits, adv):
-    model, xtr, ytr, xte, yte = digits
+def fitted(digits_cnn_trained, adv):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     return RelevantNeuronDetector(model, mu=10, n_estimators=60, seed=0).fit(xtr, adv[0])
 
 
@@ -53,8 +42,8 @@ def checksum(model):
 
 
 # ----------------------------------------------------------------------------- features
-def test_recorder_features_match_manual_and_hooks_removed(digits):
-    model, xtr, *_ = digits
+def test_recorder_features_match_manual_and_hooks_removed(digits_cnn_trained):
+    model, xtr, *_ = digits_cnn_trained
     x = xtr[:16]
     with ActivationRecorder(model) as rec:
         model(x)
@@ -67,8 +56,8 @@ def test_recorder_features_match_manual_and_hooks_removed(digits):
     assert all(not m._forward_hooks for m in model.modules())
 
 
-def test_recorder_removes_hooks_when_body_raises(digits):
-    model, *_ = digits
+def test_recorder_removes_hooks_when_body_raises(digits_cnn_trained):
+    model, *_ = digits_cnn_trained
     with pytest.raises(RuntimeError, match="boom"):
         with ActivationRecorder(model):
             raise RuntimeError("boom")
@@ -90,8 +79,8 @@ def test_normalizations():
         normalize_features([a], "l1")
 
 
-def test_sum_l2_is_sparser_than_l2(digits):
-    model, xtr, *_ = digits
+def test_sum_l2_is_sparser_than_l2(digits_cnn_trained):
+    model, xtr, *_ = digits_cnn_trained
     counts = {}
     for nz in ("l2", "sum_l2"):
         e = extract(model, xtr[:600], normalize=nz)
@@ -276,8 +265,8 @@ def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
 
 def test_thousand_trees_with_many_thresholds_use_leaf_masks_exactly():
     """The detector's default size: 1000 fully grown trees on inputs with thousands of distinct
-    thresholds (too many cells for tables, trees with more than 63 leaves: several mask words,
-    the compiled op's general word count) are evaluated by per-tree leaf masks, bit for bit scikit-learn's."""
+    thresholds (too many cells for tables, trees with more than 126 leaves: the compiled op's
+    general word count) are evaluated by per-tree leaf masks, bit for bit scikit-learn's."""
     from sklearn.ensemble import RandomForestClassifier
     rng = np.random.default_rng(5)
     g, width, n = 3, 12, 900
@@ -344,8 +333,8 @@ def test_saved_forest_with_a_cycle_is_rejected():
 
 
 # ----------------------------------------------------------------------------- detector
-def test_relevant_detector_detects_fgsm_and_model_unchanged(digits, adv):
-    model, xtr, ytr, xte, yte = digits
+def test_relevant_detector_detects_fgsm_and_model_unchanged(digits_cnn_trained, adv):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     model.train()                                            # a training-mode model must come back as it was
     before = checksum(model)
     det = RelevantNeuronDetector(model, mu=10, n_estimators=60, seed=0).fit(xtr, adv[0])
@@ -366,8 +355,8 @@ def test_relevant_detector_detects_fgsm_and_model_unchanged(digits, adv):
     assert max(det.selected_count()) < det.n_features_ / 2
 
 
-def test_score_predict_consistent_and_deterministic(fitted, digits, adv):
-    model, xtr, ytr, xte, yte = digits
+def test_score_predict_consistent_and_deterministic(fitted, digits_cnn_trained, adv):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     s = fitted.score(xte)
     assert s.shape == (xte.shape[0],) and s.dtype == torch.float64
     assert bool(((s >= 0) & (s <= 1)).all())
@@ -386,8 +375,8 @@ def test_score_predict_consistent_and_deterministic(fitted, digits, adv):
     assert torch.equal(again.score(xte), s)
 
 
-def test_use_label_zeroes_other_blocks(fitted, digits):
-    model, xtr, *_ = digits
+def test_use_label_zeroes_other_blocks(fitted, digits_cnn_trained):
+    model, xtr, *_ = digits_cnn_trained
     feats, logits = fitted.features_and_logits(xtr[:50])
     pred = logits.argmax(1)
     z = fitted._design(feats, pred)
@@ -395,8 +384,8 @@ def test_use_label_zeroes_other_blocks(fitted, digits):
     assert bool((z[blocks[None, :].expand_as(z) != pred[:, None]] == 0).all())
 
 
-def test_variants_and_loaders(digits, adv):
-    model, xtr, ytr, xte, yte = digits
+def test_variants_and_loaders(digits_cnn_trained, adv):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     n = 600
     loader_c = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr[:n], ytr[:n]), batch_size=100)
     loader_a = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(adv[0][:n], ytr[:n]), batch_size=100)
@@ -408,8 +397,8 @@ def test_variants_and_loaders(digits, adv):
         assert det.score(xte[:10]).shape == (10,)
 
 
-def test_save_load_roundtrip_and_safe_format(fitted, digits, tmp_path):
-    model, xtr, ytr, xte, yte = digits
+def test_save_load_roundtrip_and_safe_format(fitted, digits_cnn_trained, tmp_path):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     p = tmp_path / "det.pt"
     fitted.save(p)
     state = torch.load(p, weights_only=True)                 # plain containers and tensors only
@@ -436,8 +425,8 @@ def test_save_load_roundtrip_and_safe_format(fitted, digits, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-def test_bad_inputs(digits, adv):
-    model, xtr, ytr, xte, yte = digits
+def test_bad_inputs(digits_cnn_trained, adv):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     with pytest.raises(ValueError, match="mu"):
         RelevantNeuronDetector(model, mu=0)
     with pytest.raises(ValueError, match="mu"):
@@ -503,8 +492,8 @@ def test_squeezers_match_numpy_and_scipy():
     torch.testing.assert_close(bit_depth(x, 3), torch.from_numpy(np.round(x.numpy() * 7) / 7))
 
 
-def test_feature_squeezing_threshold_and_scores(digits, adv, tmp_path):
-    model, xtr, ytr, xte, yte = digits
+def test_feature_squeezing_threshold_and_scores(digits_cnn_trained, adv, tmp_path):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     fs = FeatureSqueezingDetector(model, fpr=0.1).fit(xtr)
     s_tr = fs.score(xtr)
     assert abs(float((s_tr > fs.threshold_).float().mean()) - 0.1) < 0.02
@@ -528,8 +517,8 @@ def test_feature_squeezing_threshold_and_scores(digits, adv, tmp_path):
 
 
 # ----------------------------------------------------------------------------- NIC
-def test_nic_fits_on_clean_and_flags_strong_noise(digits, adv):
-    model, xtr, ytr, xte, yte = digits
+def test_nic_fits_on_clean_and_flags_strong_noise(digits_cnn_trained, adv):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     before = checksum(model)
     nic = NICDetector(model, nu=0.1, fpr=0.05, seed=0).fit(xtr)
     assert checksum(model) == before

@@ -16,31 +16,20 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def digits():
-    torch.manual_seed(0)
-    xtr, ytr = data.as_tensors(data.load("digits", split="train"))
-    xte, yte = data.as_tensors(data.load("digits", split="test"))
-    model = models.small_cnn()
-    models.train(model, (xtr, ytr), epochs=6, optimizer="adam", lr=3e-3, seed=0)
-    model.eval()
-    return model, xtr, ytr, xte, yte
-
-
-@pytest.fixture(scope="module")
-def fgsm_test(digits):
-    model, xtr, ytr, xte, yte = digits
+def fgsm_test(digits_cnn_trained):
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     adv = FGSM(model, eps=0.3)(xte, yte)
     with torch.no_grad():
         ok = model(adv).argmax(1) != model(xte).argmax(1)
     return adv[ok]
 
 
-def test_nic_every_provenance_invariant_ranks_adversarial_as_atypical(digits, fgsm_test):
+def test_nic_every_provenance_invariant_ranks_adversarial_as_atypical(digits_cnn_trained, fgsm_test):
     """Each provenance invariant (one-class SVM on adjacent layers' probe outputs) must give
     FGSM images lower decision values than clean test images (AUC > 0.5). With softmax
     probabilities as probe outputs (near one-hot on clean data) the RBF one-class SVM's decision
     value was inverted: AUC 0.02-0.5 on the README's experiment."""
-    model, xtr, ytr, xte, yte = digits
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     nic = NICDetector(model, nu=0.1, seed=0).fit(xtr)
     sc, sa = nic.invariant_scores(xte).numpy(), nic.invariant_scores(fgsm_test).numpy()
     assert nic.invariant_names == ["value:conv1", "value:conv2", "value:fc1", "value:fc2", "provenance:conv1->conv2",
@@ -82,9 +71,9 @@ def test_bit_depth_matches_numpy_rint_every_depth_including_ties():
         assert len(torch.unique(bit_depth(x, b))) == lv + 1
 
 
-def test_fs_threshold_is_the_clean_quantile_and_score_is_max_l1(digits):
+def test_fs_threshold_is_the_clean_quantile_and_score_is_max_l1(digits_cnn_trained):
     from robustops.detect import FeatureSqueezingDetector, bit_depth, median_filter
-    model, xtr, ytr, xte, yte = digits
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     fs = FeatureSqueezingDetector(model, ("bit_depth_3", "median_3x3"), fpr=0.05).fit(xtr[:400])
     with torch.no_grad():
         p = model(xtr[:400]).softmax(1).double().numpy()
@@ -95,9 +84,9 @@ def test_fs_threshold_is_the_clean_quantile_and_score_is_max_l1(digits):
     assert fs.threshold_ == pytest.approx(np.quantile(ref, 0.95), rel=1e-5, abs=1e-6)
 
 
-def test_select_squeezers_rule_against_manual_agreement(digits):
+def test_select_squeezers_rule_against_manual_agreement(digits_cnn_trained):
     from robustops.detect import bit_depth, median_filter, select_squeezers, squeezer_agreement
-    model, xtr, ytr, xte, yte = digits
+    model, xtr, ytr, xte, yte = digits_cnn_trained
     x = xtr[:500]
     with torch.no_grad():
         pred = model(x).argmax(1)

@@ -1,12 +1,12 @@
 // CPU kernel of forest_leaf_masks. One task per block of samples (at least kMinBlock, about one
 // block per thread); a task walks the trees in chunks of kTreeChunk, in order, and for each of
 // its samples (kLanes at a time) and each tree of the chunk forms the AND of the tree's masks
-// over the inputs in registers, decodes the leaf and adds its value to the sample's sum. The trees are thus added
-// in order from zero (scikit-learn's order: the result is its predict_proba bit for bit). One
-// tree's masks are contiguous and a chunk's (tens of KB) stay in cache for all the task's
-// samples: predict runs right after a model forward has flushed the caches, so each table is
-// best read from memory once. Each sample reads one kTreeChunk-entry segment of its bin map row
-// per input and chunk.
+// over the inputs in registers, decodes the leaf and adds its value to the sample's sum. The
+// trees are thus added in order from zero (scikit-learn's order: the result is its
+// predict_proba bit for bit). One tree's masks are contiguous and a chunk's (tens of KB) stay in
+// cache for all the task's samples; the next chunk's tables are prefetched while this one is
+// computed, since predict runs right after a model forward has flushed the caches. Each sample
+// reads one kTreeChunk-entry segment of its bin map row per input and chunk.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/llvmMathExtras.h>
