@@ -4,10 +4,11 @@
     python examples/detect_experiment.py --quick          # smoke run (digits, tiny)
     python examples/detect_experiment.py --datasets digits --n-train 1000 --trees 100
     python examples/detect_experiment.py --only-baselines      # FS and NIC rows only (no forests)
-    # closer to the paper's scale (Fashion-MNIST, FGSM only, a subset of the 18 settings):
-    python examples/detect_experiment.py --datasets fashion-mnist --attacks FGSM --n-model-train 60000 \
-        --epochs-fashion 5 --n-train 5000 --trees 1000 --mus 20 10 --variants shared --labels label \
-        --skip-baselines --model-cache /tmp/detect_models
+    # closer to the paper's scale (Fashion-MNIST, one FGSM, 2 of the 18 settings; ~4 min once the
+    # net is cached, see the README's "Where this falls short"), as one command:
+    #   --datasets fashion-mnist --attacks "FGSM eps=0.3" --n-model-train 60000 --epochs-fashion 5
+    #   --n-train 10000 --trees 1000 --mus 20 10 --variants shared --labels label --n-test 1000
+    #   --skip-baselines --model-cache /tmp/detect_models
 
 Per data set: train Papernot's MNIST net (``robustops.models.papernot_mnist``), attack a
 training subset and a test subset with the package's own attacks (explicit settings below),
