@@ -46,6 +46,7 @@ from robustops import data, models  # noqa: E402
 from robustops.attacks import CWL2, FGSM, JSMA  # noqa: E402
 from robustops.detect import (FeatureSqueezingDetector, NICDetector, RelevantNeuronDetector,  # noqa: E402
                               evaluate_detector, extract, relevant_neurons, select_squeezers, squeezer_agreement)
+from robustops.detect.relevant import DETECTOR_MAX_ITER  # noqa: E402
 
 MUS = (100, 20, 10)
 CHUNK = 4096    # images per forward pass / attack call on large sets (memory)
@@ -136,7 +137,7 @@ def run_dataset(name, args, out):
         norm = {}
         for nz in ("l2", "sum_l2"):
             e = extract(model, xa_tr, None, nz)
-            sets = relevant_neurons(e.features.double(), e.predictions, 10.0, 10, max_iter=1000, tol=1e-4)
+            sets = relevant_neurons(e.features.double(), e.predictions, 10.0, 10, max_iter=DETECTOR_MAX_ITER, tol=1e-4)
             m = e.features.shape[1]
             norm[nz] = {"m": m, "mean_selected": sum(len(s) for s in sets) / 10,
                         "fraction": sum(len(s) for s in sets) / (10 * m)}

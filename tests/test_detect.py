@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ from torch import nn
 
 from robustops import data, models
 from robustops.attacks import FGSM
-from robustops.detect import (ActivationRecorder, FeatureSqueezingDetector, NICDetector, NoAdversarialError,
-                              NoLayersError, NotFittedError, RelevantNeuronDetector, ShapeMismatchError,
+from robustops.detect import (ActivationRecorder, FeatureSqueezingDetector, MuLassoConvergenceWarning, NICDetector,
+                              NoAdversarialError, NoLayersError, NotFittedError, RelevantNeuronDetector, ShapeMismatchError,
                               TensorForest, bit_depth, evaluate_detector, extract, median_filter, mu_lasso,
                               neuron_features, normalize_features, project_l1_ball, relevant_neurons)
+from robustops.detect.relevant import DETECTOR_MAX_ITER
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -84,7 +86,7 @@ def test_sum_l2_is_sparser_than_l2(digits_cnn_trained):
     counts = {}
     for nz in ("l2", "sum_l2"):
         e = extract(model, xtr[:600], normalize=nz)
-        sets = relevant_neurons(e.features.double(), e.predictions, 10.0, 10, max_iter=1000, tol=1e-4)
+        sets = relevant_neurons(e.features.double(), e.predictions, 10.0, 10, max_iter=DETECTOR_MAX_ITER, tol=1e-4)
         counts[nz] = sum(len(s) for s in sets)
     assert counts["sum_l2"] < counts["l2"]
 
@@ -205,6 +207,25 @@ def _adjacent_float32_data(rng, n, d):
     X[: n // 4, 0] = base
     X[n // 4: n // 2, 0] = np.nextafter(base, np.float32(np.inf))
     return X
+
+
+def test_unconverged_mu_lasso_warns_and_the_detector_default_converges(digits_cnn_trained):
+    """Relevant sets are the support of the mu-Lasso optimum: a solve cut short keeps spurious
+    small weights (a larger, path-dependent support) and says so; the detector's default cap
+    converges, to the support of a much tighter solve."""
+    model, xtr, *_ = digits_cnn_trained
+    e = extract(model, xtr[:600])
+    X, p = e.features.double(), e.predictions
+    with pytest.warns(MuLassoConvergenceWarning, match="max_iter=50"):
+        capped = relevant_neurons(X, p, 10.0, 10, max_iter=50, tol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MuLassoConvergenceWarning)
+        sets = relevant_neurons(X, p, 10.0, 10, max_iter=DETECTOR_MAX_ITER, tol=1e-4)
+        tight = relevant_neurons(X, p, 10.0, 10, max_iter=DETECTOR_MAX_ITER, tol=1e-6)
+    n = sum(len(s) for s in sets)
+    assert sum(len(s) for s in capped) > n
+    differ = sum(len(set(a.tolist()) ^ set(b.tolist())) for a, b in zip(sets, tight))
+    assert differ <= max(1, n // 50)                         # the same support up to a weight or two at ~0
 
 
 def test_tensor_forest_equals_sklearn_exactly():
@@ -390,8 +411,11 @@ def test_variants_and_loaders(digits_cnn_trained, adv):
     loader_c = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr[:n], ytr[:n]), batch_size=100)
     loader_a = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(adv[0][:n], ytr[:n]), batch_size=100)
     for variant in ("clean", "symdiff"):
-        det = RelevantNeuronDetector(model, mu=20, variant=variant, use_label=False, n_estimators=20).fit(
-            loader_c, loader_a)
+        # a capped solve (solver_kw) is allowed and says that it stopped short
+        det = RelevantNeuronDetector(model, mu=20, variant=variant, use_label=False, n_estimators=20,
+                                     solver_kw={"max_iter": 2000})
+        with pytest.warns(MuLassoConvergenceWarning, match="max_iter=2000"):
+            det.fit(loader_c, loader_a)
         key = variant
         assert det.selected_count() == [len(det.relevant[j][key]) for j in range(10)]
         assert det.score(xte[:10]).shape == (10,)

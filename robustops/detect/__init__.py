@@ -19,7 +19,7 @@ returns ``det``), ``det.score(x) -> Tensor[N]`` (higher = more adversarial),
 from .base import Detector, NoAdversarialError, NotFittedError, ShapeMismatchError, evaluate_detector
 from .features import ActivationRecorder, Extracted, NoLayersError, extract, neuron_features, normalize_features, select_layers
 from .forest import TensorForest
-from .lasso import MuLassoResult, mu_lasso, project_l1_ball
+from .lasso import MuLassoConvergenceWarning, MuLassoResult, mu_lasso, project_l1_ball
 from .nic import NICDetector
 from .relevant import RelevantNeuronDetector, relevant_neurons
 from .squeeze import FeatureSqueezingDetector, bit_depth, median_filter, select_squeezers, squeezer_agreement
@@ -28,6 +28,6 @@ __all__ = [
     "RelevantNeuronDetector", "FeatureSqueezingDetector", "NICDetector", "ActivationRecorder",
     "relevant_neurons", "mu_lasso", "evaluate_detector",
     "Detector", "NotFittedError", "ShapeMismatchError", "NoAdversarialError", "NoLayersError",
-    "MuLassoResult", "project_l1_ball", "neuron_features", "normalize_features", "select_layers",
+    "MuLassoResult", "MuLassoConvergenceWarning", "project_l1_ball", "neuron_features", "normalize_features", "select_layers",
     "TensorForest", "bit_depth", "median_filter", "extract", "Extracted", "select_squeezers", "squeezer_agreement",
 ]

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["project_l1_ball", "mu_lasso", "MuLassoResult"]
+__all__ = ["project_l1_ball", "mu_lasso", "MuLassoResult", "MuLassoConvergenceWarning"]
 
 
 def project_l1_ball(v: torch.Tensor, radius) -> torch.Tensor:
@@ -67,6 +67,12 @@ def _project_rows(v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     # |v| - theta cancels when |v| >> r; rescale the (tiny) rounding excess so w stays feasible
     l1 = w.abs().sum(1, keepdim=True)
     return torch.where(l1 > r[:, None], w * (r[:, None] / l1.clamp_min(1e-300)), w)
+
+
+class MuLassoConvergenceWarning(UserWarning):
+    """The mu-Lasso stopped at ``max_iter`` before its duality gap met ``tol``: the support of an
+    unconverged solution is larger than the optimum's (on Papernot's net, 1,000 iterations left
+    369 non-zero weights where the optimum has 110) and depends on the solver's path."""
 
 
 class MuLassoResult(NamedTuple):
