@@ -90,9 +90,9 @@ def main(argv=None):
     torch.set_num_threads(1)
     exp = argparse.Namespace(n_train=300, n_test=200, n_cw=100, n_model_train=10000, epochs_digits=10,
                              epochs_fashion=2, eps_strong=0.3, eps_weak=0.1, cw_steps=100, cw_bss=5, cw_lr=0.1,
-                             n_baseline_clean=2000)
+                             n_baseline_clean=2000, baseline_clean_from="model-train")
     for name in (["digits"] if ns.binary else ns.datasets):
-        xtr, ytr, xte, yte, epochs = X.load(name, exp)
+        xtr, ytr, xte, yte, epochs, _, _ = X.load(name, exp)
         if ns.binary:
             xtr, xte = (xtr > 0.5).float(), (xte > 0.5).float()
         torch.manual_seed(0)

@@ -19,7 +19,10 @@ keep the successful adversarial examples, then
   neurons per class;
 * Table 3 (reduced): ours at mu=10 / mu=20 (shared, with label) beside Feature Squeezing and
   NIC, both fitted on ``--n-baseline-clean`` correctly classified clean training images only
-  (they need no adversarial data, so they get more clean images than ours' 300 pairs). Feature
+  (they need no adversarial data, so they get more clean images than ours' 300 pairs): images
+  the model was trained on, or with ``--baseline-clean-from unseen`` Fashion-MNIST training
+  images after the first ``--n-model-train`` (digits has none: every training image trains the
+  model). Feature
   Squeezing twice: with the paper's MNIST squeezers (1-bit depth + 2x2 median) and with the
   squeezers ``select_squeezers`` picks for the data set from the same clean images (strongest
   bit depth / median that keeps the model's prediction on >= 99% of them);
@@ -97,11 +100,17 @@ def load(name, args):
         xtr, ytr = data.as_tensors(tr)
         xte, yte = data.as_tensors(te)
         epochs = args.epochs_digits
+        xun = yun = None                 # every digits training image trains the model
     else:
-        xtr, ytr = data.as_tensors(data.load(name, split="train", limit=args.n_model_train))
+        # with --baseline-clean-from unseen: the whole training split; the model trains on the first
+        # --n-model-train images, the rest are training images it never sees
+        limit = None if args.baseline_clean_from == "unseen" else args.n_model_train
+        xall, yall = data.as_tensors(data.load(name, split="train", limit=limit))
+        xtr, ytr = xall[:args.n_model_train], yall[:args.n_model_train]
+        xun, yun = xall[args.n_model_train:], yall[args.n_model_train:]
         xte, yte = data.as_tensors(data.load(name, split="test", limit=4 * args.n_test))
         epochs = args.epochs_fashion
-    return xtr, ytr, xte, yte, epochs
+    return xtr, ytr, xte, yte, epochs, xun, yun
 
 
 def correct_subset(model, x, y, n, gen):
@@ -114,7 +123,7 @@ def correct_subset(model, x, y, n, gen):
 
 def run_dataset(name, args, out):
     t0 = time.perf_counter()
-    xtr, ytr, xte, yte, epochs = load(name, args)
+    xtr, ytr, xte, yte, epochs, xun, yun = load(name, args)
     t = time.perf_counter()
     model = train_model(name, xtr, ytr, epochs, args)
     model_s = time.perf_counter() - t
@@ -124,13 +133,17 @@ def run_dataset(name, args, out):
     xa_te, ya_te = correct_subset(model, xte, yte, args.n_test, gen)
     # clean training images for the baselines (clean-only fitting): drawn with their own generator
     # so that the images of ours (xa_tr, xa_te) stay those of the runs without this option
-    xb_tr, _ = correct_subset(model, xtr, ytr, args.n_baseline_clean, torch.Generator().manual_seed(2))
+    unseen = args.baseline_clean_from == "unseen" and xun is not None and xun.shape[0] > 0
+    src = "training images the model was not trained on" if unseen else "images the model was trained on"
+    xb_tr, _ = correct_subset(model, xun if unseen else xtr, yun if unseen else ytr, args.n_baseline_clean,
+                              torch.Generator().manual_seed(2))
     res = {"dataset": name, "model": "papernot_mnist", "epochs": epochs, "train_images": int(xtr.shape[0]),
            "clean_test_accuracy": acc, "n_train": int(xa_tr.shape[0]), "n_test": int(xa_te.shape[0]),
-           "n_baseline_clean": int(xb_tr.shape[0]), "model_s": model_s, "attacks": {}}
+           "n_baseline_clean": int(xb_tr.shape[0]), "baseline_clean_source": src, "model_s": model_s,
+           "attacks": {}}
     print(f"\n## {name}: papernot_mnist trained {epochs} epochs on {xtr.shape[0]} images, clean test accuracy "
           f"{acc:.3f}; detector train/test: {xa_tr.shape[0]}/{xa_te.shape[0]} correctly classified images; "
-          f"FS/NIC fitted on {xb_tr.shape[0]} clean training images", flush=True)
+          f"FS/NIC fitted on {xb_tr.shape[0]} clean {src}", flush=True)
 
     if not args.only_baselines:
         # normalisation: sparsity of the clean selection at mu=10
@@ -267,7 +280,8 @@ def print_table1(aname, ar, mus=MUS, variants=VARIANTS):
 
 
 def print_table3(name, res):
-    print(f"\n### {name}: comparison (detection accuracy; FS/NIC threshold at 5% FPR on clean training images)")
+    print(f"\n### {name}: comparison (detection accuracy; FS/NIC threshold at 5% FPR on clean "
+          f"{res['baseline_clean_source']})")
     sel = "+".join(res.get("fs_selected", ["(not run)"]))
     print(f"| attack | ours mu=10 | ours mu=20 | NIC | FS bit_depth_1+median_2x2 | FS {sel} |")
     print("|---|---|---|---|---|---|")
@@ -321,6 +335,10 @@ def main(argv=None):
                    help="FS and NIC rows only: attack the test images, skip ours (no forests)")
     p.add_argument("--n-baseline-clean", type=int, default=2000,
                    help="correctly classified clean training images that fit FS and NIC (clean data only; digits has 1,333)")
+    p.add_argument("--baseline-clean-from", choices=("model-train", "unseen"), default="model-train",
+                   help="where the clean images fitting FS and NIC come from: correctly classified images the "
+                        "model was trained on (default; digits: always, every digits training image trains the "
+                        "model) or, on Fashion-MNIST, training images after the first --n-model-train (unseen)")
     p.add_argument("--fs-min-agreement", type=float, default=0.99,
                    help="select_squeezers: fraction of clean predictions a squeezer must keep")
     p.add_argument("--json", default="detect_experiment.json")

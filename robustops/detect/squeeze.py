@@ -216,7 +216,13 @@ class FeatureSqueezingDetector(Detector):
         return torch.cat([self._scores(xb) for xb in _iter_images(x, self.batch_size, "x")])
 
     def fit(self, x_clean, x_adv=None) -> "FeatureSqueezingDetector":
-        """Set ``threshold_`` so that a fraction ``fpr`` of ``x_clean`` scores above it."""
+        """Set ``threshold_`` so that a fraction ``fpr`` of ``x_clean`` scores above it.
+
+        ``x_clean``: clean images ``[N, C, H, W]`` in [0, 1] (or batches); ``x_adv`` is ignored.
+        The false-positive rate holds for images like ``x_clean`` (same distribution), up to the
+        sampling error of a quantile of ``N`` scores (about ``sqrt(fpr (1 - fpr) / N)``): for an
+        FPR that holds on new data, pass clean images the model was not trained on when it may
+        treat its training images differently (e.g. an overfitted model)."""
         s = self.score(x_clean).double().cpu()
         self.threshold_ = float(torch.quantile(s, 1 - self.fpr))
         self.clean_scores_ = s
