@@ -16,8 +16,8 @@ Two normalisations (``normalize=``):
 
 The choice decides how sparse the mu-Lasso selection is at a given mu, because the L1 budget is
 measured against the feature scale: with ``"l2"`` the features are larger, so mu=10 buys weights
-on 7-10% of the neurons of Papernot's net -- the paper's regime (5.3-18.3% of LeNet's neurons at
-mu=10) -- while ``"sum_l2"`` selects about 1% (one to five neurons per class). Measurements in
+on ~5% of the neurons of Papernot's net (converged solves) -- the low end of the paper's regime
+(5.3-18.3% of LeNet's neurons at mu=10) -- while ``"sum_l2"`` selects about 1% (one to five neurons per class). Measurements in
 docs/detection.md.
 """
 from __future__ import annotations
