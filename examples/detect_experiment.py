@@ -182,7 +182,7 @@ def run_dataset(name, args, out):
         ntr = args.n_train if not aname.startswith("CW") else min(args.n_train, args.n_cw)
         nte = args.n_test if not aname.startswith("CW") else min(args.n_test, args.n_cw)
         if args.only_baselines:
-            adv_te = atk(model, xa_te[:nte], ya_te[:nte])
+            adv_te = attack_in_chunks(atk, model, xa_te[:nte], ya_te[:nte])
             with torch.no_grad():
                 ok_te = model(adv_te).argmax(1) != model(xa_te[:nte]).argmax(1)
             ar = {"attack_s": time.perf_counter() - t, "success_test": float(ok_te.float().mean()),

@@ -58,6 +58,23 @@ def test_recorder_features_match_manual_and_hooks_removed(digits_cnn_trained):
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_recorded_outputs_survive_inplace_relu():
+    """torchvision-style Conv2d -> ReLU(inplace=True): a reduction that is a view of the layer's
+    output (``reduce="none"``, NIC's flatten) must not see the ReLU overwrite it afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        ref = model[0](x).flatten(1)
+    assert bool((ref < 0).any())                             # the ReLU would change them
+    with torch.no_grad(), ActivationRecorder(model, ["0"], reduce="none") as rec:
+        model(x)
+    torch.testing.assert_close(rec.features["0"], ref)
+    nic = NICDetector(model, layers=["0"])
+    acts, _ = nic._activations(x)
+    np.testing.assert_allclose(acts[0], ref.double().numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_recorder_removes_hooks_when_body_raises(digits_cnn_trained):
     model, *_ = digits_cnn_trained
     with pytest.raises(RuntimeError, match="boom"):
@@ -129,7 +146,9 @@ def test_mu_lasso_matches_sklearn_lasso_at_same_l1_norm(mode, alpha):
                     .fit(X.numpy(), Y[:, j].numpy()).coef_ for j in range(c)], 1)
     ref = torch.from_numpy(ref)
     mu = ref.abs().sum(0)
-    res = mu_lasso(X, Y, mu, mode=mode, tol=1e-12)
+    with warnings.catch_warnings():                          # converges (or reaches the rounding floor)
+        warnings.simplefilter("error", MuLassoConvergenceWarning)
+        res = mu_lasso(X, Y, mu, mode=mode, tol=1e-12)
     f_ref = ((X @ ref - Y) ** 2).sum(0)
     rel = (res.objective - f_ref).abs() / f_ref
     assert float(rel.max()) < 1e-4
@@ -158,6 +177,20 @@ def test_mu_lasso_nonneg_matches_sklearn_positive_lasso(mode):
     assert torch.equal(res.W > 0, ref > 1e-10)
     # the signed problem at the same budget reaches a lower objective (negative weights help)
     assert bool((mu_lasso(X, Y, mu, tol=1e-12).objective < res.objective).all())
+
+
+def test_mu_lasso_warns_when_its_iterations_run_out():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(80, 30, generator=g, dtype=torch.float64)
+    Y = torch.randn(80, 2, generator=g, dtype=torch.float64)
+    with pytest.warns(MuLassoConvergenceWarning, match="max_iter=3 "):
+        res = mu_lasso(X, Y, 1.0, max_iter=3, tol=1e-8)
+    assert not res.converged
+    # a tolerance below the arithmetic's reach stops at the rounding floor: not converged, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MuLassoConvergenceWarning)
+        res = mu_lasso(X, Y, 1.0, tol=1e-300)
+    assert not res.converged and res.iterations < 3000 - 1
 
 
 def test_mu_lasso_inactive_constraint_is_least_squares():

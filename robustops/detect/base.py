@@ -1,7 +1,8 @@
 """Shared detector interface: ``fit`` / ``score`` / ``predict``, the named errors, evaluation."""
 from __future__ import annotations
 
-from typing import Dict
+import os
+from typing import Dict, Union
 
 import numpy as np
 import torch
@@ -22,6 +23,17 @@ class ShapeMismatchError(ValueError):
 
 class NoAdversarialError(ValueError):
     """The adversarial set holds no successful adversarial example (the attack changed no prediction)."""
+
+
+def read_saved(path: Union[str, os.PathLike], fmt: str, kind: str) -> dict:
+    """The dict a detector's ``save`` wrote to ``path``, read with ``torch.load(weights_only=True)``
+    (a file holding anything but tensors and plain containers raises ``pickle.UnpicklingError``
+    instead of running code). Raises ``ValueError`` when it is not a ``kind`` file (format tag
+    ``fmt``)."""
+    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"{os.fspath(path)!r} is not a saved {kind} (format {fmt})")
+    return state
 
 
 class Detector:

@@ -16,9 +16,9 @@ Two normalisations (``normalize=``):
 
 The choice decides how sparse the mu-Lasso selection is at a given mu, because the L1 budget is
 measured against the feature scale: with ``"l2"`` the features are larger, so mu=10 buys weights
-on ~5% of the neurons of Papernot's net (converged solves) -- the low end of the paper's regime
-(5.3-18.3% of LeNet's neurons at mu=10) -- while ``"sum_l2"`` selects about 1% (one to five neurons per class). Measurements in
-docs/detection.md.
+on ~5% of the neurons of Papernot's net (converged solves) -- the low end of the paper's
+regime (5.3-18.3% of LeNet's neurons at mu=10) -- while ``"sum_l2"`` selects about 1% (one to
+five neurons per class). Measurements in docs/detection.md.
 """
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ class ActivationRecorder(contextlib.AbstractContextManager):
             output flattened to ``[N, -1]``) or a callable ``reduce(output) -> Tensor[N, k]``.
 
     The hooks are registered on ``__enter__`` and removed on ``__exit__`` even when the body
-    raises. Outputs that are not tensors raise ``TypeError`` naming the layer.
+    raises. A reduction that shares the output's memory (``"none"``) is copied, so a later
+    in-place op on the output (``ReLU(inplace=True)``) does not change what was recorded. Outputs that are not tensors raise ``TypeError`` naming the layer.
     """
 
     def __init__(self, model: nn.Module, layers=None, reduce: Union[str, Callable] = "sq_l2",
@@ -148,7 +149,13 @@ class ActivationRecorder(contextlib.AbstractContextManager):
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a tensor")
-            self.features[name] = self._reduce(output.detach())
+            out = output.detach()
+            r = self._reduce(out)
+            # a reduction that is a view of the output (flatten) would be overwritten by a later
+            # in-place op on it -- ReLU(inplace=True) after a conv, as in torchvision's nets
+            if isinstance(r, torch.Tensor) and r.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                r = r.clone()
+            self.features[name] = r
         return hook
 
     def __enter__(self):

@@ -26,6 +26,7 @@ better fixed choice; easy problems that converge in a few dozen iterations never
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -168,6 +169,12 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         ValueError: bad shapes, non-finite values, ``mu <= 0``, empty X, bad options.
         TypeError: non-tensor inputs, integer X, a non-numeric mu.
 
+    Warns:
+        MuLassoConvergenceWarning: the iterations ran out (``max_iter``) before every gap met
+        ``tol``. (Stopping because no descent direction is left -- the rounding floor of a
+        tolerance below what the arithmetic resolves -- does not warn; ``converged`` is then
+        False as well.)
+
     Source: Granda et al. (relevant-neurons-detection-granda.txt) Eq. 1; Birgin, Martinez &
     Raydan 2000 (SPG); van den Berg & Friedlander 2008 (SPGL1: duality gap); Duchi et al. 2008
     (L1-ball projection).
@@ -243,7 +250,7 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
     alpha = (1.0 / d0.abs().amax(1).clamp_min(1e-30)).clamp(alpha_min, alpha_max)
     hist = f[None, :].repeat(memory, 1)
     gamma = 1e-4
-    converged = False
+    converged = floor = False
     it = 0
     gap = gap_of(Wt, g)
     for it in range(max_iter):
@@ -259,6 +266,7 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         lam = torch.ones_like(f)
         active = gd < 0
         if not bool(active.any()):                           # no descent direction left: rounding floor
+            floor = True
             break
         for _ in range(60):
             fnew = f + lam * gd + lam * lam * dqd
@@ -287,6 +295,12 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         if switch_at is not None and it + 1 == switch_at:
             ops.to_gram()
             Qt = ops.apply(Wt)                               # same iterate, Gram representation
+    if not (converged or floor):
+        worst = float((gap / torch.clamp(f, min=tol)).max())   # the stopping rule's own ratio
+        warnings.warn(f"mu_lasso stopped at max_iter={max_iter} with a relative duality gap of {worst:.3g} "
+                      f"(tol={tol:g}): the solution is not the optimum, and its support (the relevant "
+                      "neurons) is larger than the optimum's and path-dependent; raise max_iter",
+                      MuLassoConvergenceWarning, stacklevel=2)
     W = Wt.T.contiguous()
     obj = ((X @ W - Y) ** 2).sum(0)                          # from the residual: no cancellation
     return MuLassoResult(W, obj, it, converged, gap)

@@ -46,7 +46,7 @@ from torch import nn
 
 from .._checks import as_logits, check_images
 from .._guard import frozen_model, model_device
-from .base import Detector, ShapeMismatchError
+from .base import Detector, ShapeMismatchError, read_saved
 from .features import ActivationRecorder, _iter_images, select_layers
 
 __all__ = ["NICDetector", "FORMAT"]
@@ -414,9 +414,7 @@ class NICDetector(Detector):
                 on the saved image shape, or its layers / logits have other sizes than saved.
         """
         where = repr(os.fspath(path))
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{where} is not a saved NICDetector (format {FORMAT})")
+        state = read_saved(path, FORMAT, "NICDetector")
         try:
             det = cls._from_state(state, model, where)
         except (KeyError, TypeError, IndexError, AttributeError) as e:

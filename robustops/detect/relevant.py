@@ -15,9 +15,7 @@
 """
 from __future__ import annotations
 
-import inspect
 import os
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,10 +24,10 @@ from torch import nn
 
 from .._checks import as_logits, check_images
 from .._guard import frozen_model, model_device
-from .base import Detector, NoAdversarialError, NotFittedError, ShapeMismatchError
+from .base import Detector, NoAdversarialError, NotFittedError, ShapeMismatchError, read_saved
 from .features import NORMALIZATIONS, ActivationRecorder, _iter_images, extract, normalize_features, select_layers
 from .forest import TensorForest
-from .lasso import MuLassoConvergenceWarning, _check_mu, mu_lasso
+from .lasso import _check_mu, mu_lasso
 
 #: mu-Lasso iteration cap of the detector. The solves it meets converge (relative duality gap
 #: 1e-4) in ~2,000-35,000 iterations (m = 592, N = 600-1,333: 0.5-7 s); the earlier cap of
@@ -66,7 +64,8 @@ def relevant_neurons(features: torch.Tensor, labels: torch.Tensor, mu, num_class
         ValueError: ``mu <= 0``, mismatched shapes, labels out of range. TypeError: float labels.
 
     Warns:
-        MuLassoConvergenceWarning: the solve stopped at ``max_iter`` before meeting ``tol``.
+        MuLassoConvergenceWarning: (from :func:`mu_lasso`) the solve stopped at ``max_iter``
+        before meeting ``tol``.
     """
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         raise ValueError(f"features must be a tensor [N, m], got {getattr(features, 'shape', type(features))}")
@@ -81,13 +80,6 @@ def relevant_neurons(features: torch.Tensor, labels: torch.Tensor, mu, num_class
     _check_mu(mu, c, torch.float64, torch.device("cpu"))
     Y = torch.nn.functional.one_hot(labels.to(features.device), c)
     res = mu_lasso(features, Y, mu, **solver_kw)
-    if not res.converged:
-        worst = float((res.gap / res.objective.clamp_min(1e-12)).max())
-        cap = solver_kw.get("max_iter", inspect.signature(mu_lasso).parameters["max_iter"].default)
-        warnings.warn(f"mu_lasso stopped at max_iter={cap} with a relative duality gap of {worst:.3g} "
-                      f"(tol={solver_kw.get('tol', 'default')}): the relevant sets are those of an unconverged "
-                      "solution (larger than the optimum's, path-dependent); raise max_iter",
-                      MuLassoConvergenceWarning, stacklevel=2)
     sets = [torch.nonzero(res.W[:, j] != 0).flatten().cpu() for j in range(c)]
     return (sets, res.W) if return_weights else sets
 
@@ -362,9 +354,7 @@ class RelevantNeuronDetector(Detector):
         ``ValueError`` when the file is not a detector of this format, or when ``model`` lacks
         the saved layers or gives a different number of neurons.
         """
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a saved RelevantNeuronDetector (format {FORMAT})")
+        state = read_saved(path, FORMAT, "RelevantNeuronDetector")
         cfg = state["config"]
         det = cls(model, mu=cfg["mu"], variant=cfg["variant"], use_label=cfg["use_label"],
                   n_estimators=cfg["n_estimators"], layers=cfg["layers"], normalize=cfg["normalize"],

@@ -32,7 +32,7 @@ from torch import nn
 
 from .._checks import as_logits, check_images
 from .._guard import frozen_model, model_device
-from .base import Detector
+from .base import Detector, read_saved
 from .features import _iter_images
 
 __all__ = ["FeatureSqueezingDetector", "bit_depth", "median_filter", "select_squeezers", "squeezer_agreement", "SQUEEZERS",
@@ -238,9 +238,7 @@ class FeatureSqueezingDetector(Detector):
     @classmethod
     def load(cls, path: Union[str, os.PathLike], model: nn.Module) -> "FeatureSqueezingDetector":
         """Read a file written by :meth:`save` (``torch.load(weights_only=True)``)."""
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a saved FeatureSqueezingDetector (format {FORMAT})")
+        state = read_saved(path, FORMAT, "FeatureSqueezingDetector")
         det = cls(model, state["squeezers"], state["fpr"], state["batch_size"])
         det.threshold_ = float(state["threshold"])
         det._fitted = True
