@@ -76,6 +76,17 @@ class MuLassoConvergenceWarning(UserWarning):
     369 non-zero weights where the optimum has 110) and depends on the solver's path."""
 
 
+#: first iteration at which :func:`mu_lasso` polishes (``polish=True``); later ones are spaced
+#: geometrically (each after half as many iterations again).
+POLISH_START = 50
+#: columns with more non-zero weights than this are left to SPG (each step solves a k x k system).
+POLISH_MAX_SUPPORT = 256
+#: rank-revealing QR on CPU (handles the singular restricted systems of N < m); CUDA's only driver.
+_LSTSQ_DRIVER = {True: "gelsy", False: None}
+#: active-set steps per column and polish (each drops one weight or ends at the restricted optimum).
+POLISH_STEPS = 100
+
+
 class MuLassoResult(NamedTuple):
     """``W [m, C]``; objective per column ``[C]`` (||X w_j - y_j||^2); iterations run; whether
     every column met the tolerance; the final duality gap per column ``[C]``."""
@@ -137,9 +148,99 @@ class _Ops:
         return (Dt * DQt).sum(1) if self.gram else (DQt * DQt).sum(1)
 
 
+def _restricted_solve(G: torch.Tensor, b: torch.Tensor, s: Optional[torch.Tensor], mu: float):
+    """Minimiser of ``v^T G v - 2 b^T v`` (optionally subject to ``s^T v = mu``) and the
+    multiplier (``None`` unconstrained): LU, or rank-revealing least squares when G is singular."""
+    k = G.shape[0]
+    if s is None:
+        A, rhs = G, b
+    else:
+        A = G.new_zeros(k + 1, k + 1)
+        A[:k, :k] = G
+        A[:k, k] = s / 2
+        A[k, :k] = s
+        rhs = torch.cat([b, b.new_tensor([mu])])
+    sol, info = torch.linalg.solve_ex(A, rhs)
+    # LU does not flag a numerically singular A: check the residual, else least squares
+    scale = float(A.abs().max()) * float(sol.abs().max()) + float(rhs.abs().max())
+    if int(info) != 0 or not bool(torch.isfinite(sol).all()) or float((A @ sol - rhs).abs().max()) > 1e-10 * scale:
+        sol = torch.linalg.lstsq(A, rhs[:, None], driver=_LSTSQ_DRIVER[A.device.type == "cpu"]).solution[:, 0]
+    return (sol, None) if s is None else (sol[:k], float(sol[k]))
+
+
+def _polish_column(X64: torch.Tensor, y64: torch.Tensor, w: torch.Tensor, mu: float, nonneg: bool, tol: float,
+                   max_steps: int):
+    """Active-set method on one column (float64), started from SPG's iterate ``w``: on the
+    support S with signs s, step towards the minimiser of ``||X_S v - y||^2`` (subject to
+    ``s^T v = mu`` while the budget binds with a non-negative multiplier), stopping where a
+    weight reaches 0 (it leaves S) or the budget is reached; at the restricted minimiser, stop
+    if the duality gap meets ``tol``, else add the weight that violates optimality most (largest
+    ``|g_i|``, with the sign of ``-g_i``). Every point is feasible and the objective never rises.
+    Once SPG has (nearly) identified the optimum's support, a few steps land on the optimum to
+    rounding, where SPG alone converges linearly and, on ill-conditioned detector features,
+    still leaves 1e-3 relative gaps after 50,000 iterations.
+
+    Returns ``(w, gap, f, met)``."""
+    w = w.clone()
+    S = torch.nonzero(w).flatten()
+    sg = torch.sign(w[S])
+    f = gap = float("inf")
+    at_min = False                                           # w is the minimiser on (S, s)
+    added = -1                                               # the weight added last (-1: none)
+    for _ in range(max_steps):
+        r = X64 @ w - y64
+        f = float(r @ r)
+        g = 2 * (X64.T @ r)
+        support = (-g).clamp_min(0) if nonneg else g.abs()
+        i = int(support.argmax())
+        gap = max(0.0, mu * float(support[i]) + float(w @ g))
+        k = S.numel()
+        if at_min or k == 0:
+            if gap <= tol * max(f, tol):
+                return w, gap, f, True
+            if bool((S == i).any()) or float(support[i]) <= 0:   # nothing to add: leave it to SPG
+                return w, gap, f, False
+            S = torch.cat([S, S.new_tensor([i])])            # enters at 0 with the sign of -g_i
+            sg = torch.cat([sg, sg.new_tensor([-1.0 if float(g[i]) > 0 else 1.0])])
+            at_min, added = False, i
+            continue
+        ws = w[S]
+        l1 = float((sg * ws).sum())
+        Xs = X64.index_select(1, S)
+        G, b = Xs.T @ Xs, Xs.T @ y64
+        v = None
+        if l1 >= mu * (1 - 1e-9):                            # the budget binds: KKT with s^T v = mu
+            v, nu = _restricted_solve(G, b, sg, mu)
+            if nu < 0:
+                v = None
+        binding = v is not None                              # the whole segment has s^T w = mu
+        if v is None:
+            v, _ = _restricted_solve(G, b, None, mu)
+        step = v - ws
+        t, leave = 1.0, None
+        cross = (sg * v) <= 0
+        if bool(cross.any()):                                # the first weight to reach 0 leaves S
+            den = ws[cross] - v[cross]                       # 0 only for a weight just added at 0
+            tc = torch.where(den != 0, ws[cross] / torch.where(den != 0, den, 1.0), 0.0)
+            c = int(torch.argmin(tc))
+            t, leave = float(tc[c]), int(torch.nonzero(cross).flatten()[c])
+        grow = float((sg * step).sum())                    # binding: s^T v = mu up to rounding
+        if grow > 0 and l1 + t * grow > mu * (1 + (1e-12 if binding else 0.0)):   # keep ||w||_1 <= mu
+            t, leave = max((mu - l1) / grow, 0.0), None
+        if t <= 0.0 and (leave is None or int(S[leave]) == added):
+            return w, gap, f, False                          # no progress on this face (degenerate): to SPG
+        w[S] = ws + t * step
+        if leave is not None:
+            w[S[leave]] = 0.0
+            keep = torch.arange(k, device=S.device) != leave
+            S, sg = S[keep], sg[keep]
+        at_min = leave is None and t >= 1.0
+    return w, gap, f, False
+
+
 def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol: float = 1e-6,
              memory: int = 10, mode: str = "auto", W0: Optional[torch.Tensor] = None,
-             dtype: Optional[torch.dtype] = None, nonneg: bool = False) -> MuLassoResult:
+             dtype: Optional[torch.dtype] = None, nonneg: bool = False, polish: bool = True) -> MuLassoResult:
     """Solve the mu-Lasso ``min ||X W - Y||_F^2  s.t.  ||w_j||_1 <= mu`` for all columns at once.
 
     Args:
@@ -160,6 +261,14 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
             its projection is the L1-ball projection of ``max(v, 0)``, and the gap uses
             ``mu max(0, max(-g))`` in place of ``mu ||g||_inf``). SPAMS' ``lasso(mode=0,
             pos=True)`` solves this form.
+        polish: interleave active-set steps with SPG (:func:`_polish_column`, float64): after
+            50 iterations, then at geometrically spaced iterations, every column that has not
+            met ``tol`` is moved to the minimiser of the objective on its current support and
+            signs (dropping weights that reach 0 on the way). Once SPG has identified the
+            optimum's support this is the optimum to rounding, where SPG alone converges
+            linearly and, on ill-conditioned detector features, stalls at 1e-3 relative gaps
+            after 50,000 iterations. Polished columns that meet ``tol`` (gap in float64) are
+            final. ``False``: plain SPG.
 
     Returns:
         :class:`MuLassoResult` (``W [m, C]`` exactly sparse: the projection zeroes entries;
@@ -253,18 +362,44 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
     converged = floor = False
     it = 0
     gap = gap_of(Wt, g)
+    done = torch.zeros(c, dtype=torch.bool, device=X.device)     # polished to tol (gap in float64)
+    gap_done = torch.zeros(c, dtype=dtype, device=X.device)
+    next_polish, X64, done_at_floor = (POLISH_START if polish else None), None, -1
     for it in range(max_iter):
         gap = gap_of(Wt, g)
-        if bool((gap <= tol * torch.clamp(f, min=tol)).all()):
+        if bool(((gap <= tol * torch.clamp(f, min=tol)) | done).all()):
             converged = True
             break
+        if next_polish is not None and it >= next_polish:
+            next_polish = it + max(POLISH_START, it // 2)    # geometric: a bounded share of the work
+            if X64 is None:
+                X64, Y64 = X.to(torch.float64), Yt.T.to(torch.float64)
+            todo = torch.nonzero(~done & (gap > tol * torch.clamp(f, min=tol))).flatten().tolist()
+            for j in todo:
+                if int((Wt[j] != 0).sum()) > POLISH_MAX_SUPPORT:
+                    continue
+                w, gap64, _, met = _polish_column(X64, Y64[:, j], Wt[j].to(torch.float64), float(mu_t[j]), nonneg,
+                                                  tol, POLISH_STEPS)
+                Wt[j] = w.to(dtype)
+                if met:
+                    done[j], gap_done[j] = True, gap64
+            Wt = project(Wt)                                 # rounding (float32) may leave the ball by an ulp
+            Qt = ops.apply(Wt)
+            g = ops.grad(Qt)
+            f = ops.fval(Wt, Qt)
+            hist = torch.maximum(hist, f[None, :])
+            continue
         Dt = project(Wt - alpha[:, None] * g) - Wt
         gd = (g * Dt).sum(1)                                 # < 0 unless D = 0
         DQt = ops.apply(Dt)
         dqd = ops.curv(Dt, DQt)                                  # f(W + lam D) = f + lam gd + lam^2 dqd
         fref = hist.amax(0)
         lam = torch.ones_like(f)
-        active = gd < 0
+        active = (gd < 0) & ~done                            # polished columns are final
+        if not bool(active.any()) and next_polish is not None and done_at_floor != int(done.sum()):
+            done_at_floor = int(done.sum())                  # the arithmetic's floor: polish now, once per
+            next_polish = it + 1                             # column it completes
+            continue
         if not bool(active.any()):                           # no descent direction left: rounding floor
             floor = True
             break
@@ -295,6 +430,7 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         if switch_at is not None and it + 1 == switch_at:
             ops.to_gram()
             Qt = ops.apply(Wt)                               # same iterate, Gram representation
+    gap = torch.where(done, gap_done, gap)
     if not (converged or floor):
         worst = float((gap / torch.clamp(f, min=tol)).max())   # the stopping rule's own ratio
         warnings.warn(f"mu_lasso stopped at max_iter={max_iter} with a relative duality gap of {worst:.3g} "
