@@ -22,6 +22,13 @@ Two evaluation modes with the same iterates: ``"gram"`` precomputes ``G = X^T X`
 (2 N m C per iteration). ``mode="auto"`` starts direct and switches to the Gram form once the
 iterations run would have paid for building G (ski rental: never more than ~2x the cost of the
 better fixed choice; easy problems that converge in a few dozen iterations never build G).
+
+SPG identifies the support early but then converges linearly, slowly on ill-conditioned
+features. ``polish=True`` (default) interleaves an active-set method in float64
+(:func:`_polish_column`): on the current support and signs, step to the restricted minimiser
+(dropping weights that reach 0), then add the most violating weight, until the duality gap meets
+``tol`` -- the exact optimum once the support is right (Lawson & Hanson's active-set scheme,
+applied to the L1-ball constraint as in homotopy / LARS-type Lasso solvers).
 """
 from __future__ import annotations
 
@@ -81,8 +88,6 @@ class MuLassoConvergenceWarning(UserWarning):
 POLISH_START = 50
 #: columns with more non-zero weights than this are left to SPG (each step solves a k x k system).
 POLISH_MAX_SUPPORT = 256
-#: rank-revealing QR on CPU (handles the singular restricted systems of N < m); CUDA's only driver.
-_LSTSQ_DRIVER = {True: "gelsy", False: None}
 #: active-set steps per column and polish (each drops one weight or ends at the restricted optimum).
 POLISH_STEPS = 100
 
@@ -150,21 +155,25 @@ class _Ops:
 
 def _restricted_solve(G: torch.Tensor, b: torch.Tensor, s: Optional[torch.Tensor], mu: float):
     """Minimiser of ``v^T G v - 2 b^T v`` (optionally subject to ``s^T v = mu``) and the
-    multiplier (``None`` unconstrained): LU, or rank-revealing least squares when G is singular."""
+    multiplier (``None`` unconstrained): LU, or rank-revealing least squares when G is singular.
+    Solved on the CPU (k x k is small, and CUDA's only least-squares driver assumes full rank)."""
+    device = G.device
+    G, b = G.cpu(), b.cpu()
     k = G.shape[0]
     if s is None:
         A, rhs = G, b
     else:
         A = G.new_zeros(k + 1, k + 1)
         A[:k, :k] = G
-        A[:k, k] = s / 2
-        A[k, :k] = s
+        A[:k, k] = s.cpu() / 2
+        A[k, :k] = s.cpu()
         rhs = torch.cat([b, b.new_tensor([mu])])
     sol, info = torch.linalg.solve_ex(A, rhs)
     # LU does not flag a numerically singular A: check the residual, else least squares
     scale = float(A.abs().max()) * float(sol.abs().max()) + float(rhs.abs().max())
     if int(info) != 0 or not bool(torch.isfinite(sol).all()) or float((A @ sol - rhs).abs().max()) > 1e-10 * scale:
-        sol = torch.linalg.lstsq(A, rhs[:, None], driver=_LSTSQ_DRIVER[A.device.type == "cpu"]).solution[:, 0]
+        sol = torch.linalg.lstsq(A, rhs[:, None], driver="gelsy").solution[:, 0]   # rank-revealing QR
+    sol = sol.to(device)
     return (sol, None) if s is None else (sol[:k], float(sol[k]))
 
 
