@@ -271,9 +271,11 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
             ``mu max(0, max(-g))`` in place of ``mu ||g||_inf``). SPAMS' ``lasso(mode=0,
             pos=True)`` solves this form.
         polish: interleave active-set steps with SPG (:func:`_polish_column`, float64): after
-            50 iterations, then at geometrically spaced iterations, every column that has not
-            met ``tol`` is moved to the minimiser of the objective on its current support and
-            signs (dropping weights that reach 0 on the way). Once SPG has identified the
+            ``POLISH_START`` (50) iterations, then at geometrically spaced iterations and at the
+            rounding floor, every column that has not met ``tol`` and has at most
+            ``POLISH_MAX_SUPPORT`` (256) non-zero weights is moved to the minimiser of the
+            objective on its current support and signs (dropping weights that reach 0 on the
+            way, adding the most violating one at that minimiser). Once SPG has identified the
             optimum's support this is the optimum to rounding, where SPG alone converges
             linearly and, on ill-conditioned detector features, stalls at 1e-3 relative gaps
             after 50,000 iterations. Polished columns that meet ``tol`` (gap in float64) are
@@ -406,8 +408,8 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         lam = torch.ones_like(f)
         active = (gd < 0) & ~done                            # polished columns are final
         if not bool(active.any()) and next_polish is not None and done_at_floor != int(done.sum()):
-            done_at_floor = int(done.sum())                  # the arithmetic's floor: polish now, once per
-            next_polish = it + 1                             # column it completes
+            done_at_floor = int(done.sum())                  # the arithmetic's floor: polish now (again
+            next_polish = it + 1                             # only after a polish that finished a column)
             continue
         if not bool(active.any()):                           # no descent direction left: rounding floor
             floor = True
