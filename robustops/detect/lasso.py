@@ -382,7 +382,8 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
             converged = True
             break
         if next_polish is not None and it >= next_polish:
-            next_polish = it + max(POLISH_START, it // 2)    # geometric: a bounded share of the work
+            # geometric spacing (a bounded share of the work), and always at the last iteration
+            next_polish = min(it + max(POLISH_START, it // 2), max_iter - 1)
             if X64 is None:
                 X64, Y64 = X.to(torch.float64), Yt.T.to(torch.float64)
             todo = torch.nonzero(~done & (gap > tol * torch.clamp(f, min=tol))).flatten().tolist()
@@ -441,6 +442,9 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         if switch_at is not None and it + 1 == switch_at:
             ops.to_gram()
             Qt = ops.apply(Wt)                               # same iterate, Gram representation
+    if not (converged or floor) and polish:                  # the loop may end on a polish
+        gap = gap_of(Wt, g)
+        converged = bool(((gap <= tol * torch.clamp(f, min=tol)) | done).all())
     gap = torch.where(done, gap_done, gap)
     if not (converged or floor):
         worst = float((gap / torch.clamp(f, min=tol)).max())   # the stopping rule's own ratio
