@@ -271,8 +271,8 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
             ``mu max(0, max(-g))`` in place of ``mu ||g||_inf``). SPAMS' ``lasso(mode=0,
             pos=True)`` solves this form.
         polish: interleave active-set steps with SPG (:func:`_polish_column`, float64): after
-            ``POLISH_START`` (50) iterations, then at geometrically spaced iterations and at the
-            rounding floor, every column that has not met ``tol`` and has at most
+            ``POLISH_START`` (50) iterations, then at geometrically spaced iterations, at the
+            rounding floor and at the last iteration, every column that has not met ``tol`` and has at most
             ``POLISH_MAX_SUPPORT`` (256) non-zero weights is moved to the minimiser of the
             objective on its current support and signs (dropping weights that reach 0 on the
             way, adding the most violating one at that minimiser). Once SPG has identified the
