@@ -251,6 +251,19 @@ def test_mu_lasso_polish_reaches_the_optimum_where_spg_alone_stalls(digits_cnn_t
     assert float(plain.gap.max()) > 10 * float(res.gap.max())
 
 
+def test_mu_lasso_warning_says_when_samples_are_too_few():
+    """Stopping short with more non-zero weights than samples: the warning names N and says that
+    more samples or a smaller mu help (not only max_iter); with N > m it says raise max_iter."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(20, 60, generator=g, dtype=torch.float64)
+    Y = torch.nn.functional.one_hot(torch.arange(20) % 2, 2).double()
+    with pytest.warns(MuLassoConvergenceWarning, match="N=20 samples.*smaller mu"):
+        mu_lasso(X, Y, 100.0, max_iter=10, tol=1e-6)
+    X = torch.randn(80, 30, generator=g, dtype=torch.float64)
+    with pytest.warns(MuLassoConvergenceWarning, match="raise max_iter$"):
+        mu_lasso(X, torch.randn(80, 2, generator=g, dtype=torch.float64), 1.0, max_iter=3, tol=1e-8)
+
+
 def test_mu_lasso_inactive_constraint_is_least_squares():
     g = torch.Generator().manual_seed(2)
     X = torch.randn(100, 5, generator=g, dtype=torch.float64)

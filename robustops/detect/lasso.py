@@ -447,10 +447,16 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
         converged = bool(((gap <= tol * torch.clamp(f, min=tol)) | done).all())
     gap = torch.where(done, gap_done, gap)
     if not (converged or floor):
-        worst = float((gap / torch.clamp(f, min=tol)).max())   # the stopping rule's own ratio
+        ratio = torch.where(done, torch.zeros_like(gap), gap / torch.clamp(f, min=tol))   # the stopping rule's
+        worst = float(ratio.max())
+        k = int((Wt[int(ratio.argmax())] != 0).sum())
+        hint = "raise max_iter"
+        if k >= n:   # more weights than samples: the fit is nearly exact and the optimum not unique
+            hint = (f"its column holds {k} non-zero weights for N={n} samples: the fit is nearly exact and "
+                    "the optimum not unique, so more samples or a smaller mu help more than max_iter")
         warnings.warn(f"mu_lasso stopped at max_iter={max_iter} with a relative duality gap of {worst:.3g} "
                       f"(tol={tol:g}): the solution is not the optimum, and its support (the relevant "
-                      "neurons) is larger than the optimum's and path-dependent; raise max_iter",
+                      f"neurons) is larger than the optimum's and path-dependent; {hint}",
                       MuLassoConvergenceWarning, stacklevel=2)
     W = Wt.T.contiguous()
     obj = ((X @ W - Y) ** 2).sum(0)                          # from the residual: no cancellation
