@@ -153,6 +153,12 @@ class _Ops:
         return (Dt * DQt).sum(1) if self.gram else (DQt * DQt).sum(1)
 
 
+def _gap_terms(g: torch.Tensor, nonneg: bool) -> torch.Tensor:
+    """Per weight, what moving the budget onto it would gain: ``|g_i|`` (``max(0, -g_i)`` with
+    ``nonneg``). The duality gap is ``mu * max_i(terms) + <w, g>`` (0 exactly at the optimum)."""
+    return (-g).clamp_min(0) if nonneg else g.abs()
+
+
 def _restricted_solve(G: torch.Tensor, b: torch.Tensor, s: Optional[torch.Tensor], mu: float):
     """Minimiser of ``v^T G v - 2 b^T v`` (optionally subject to ``s^T v = mu``) and the
     multiplier (``None`` unconstrained): LU, or rank-revealing least squares when G is singular.
@@ -189,26 +195,25 @@ def _polish_column(X64: torch.Tensor, y64: torch.Tensor, w: torch.Tensor, mu: fl
     rounding, where SPG alone converges linearly and, on ill-conditioned detector features,
     still leaves 1e-3 relative gaps after 50,000 iterations.
 
-    Returns ``(w, gap, f, met)``."""
+    Returns ``(w, gap)``: ``gap`` the duality gap when it met ``tol``, else None (left to SPG)."""
     w = w.clone()
     S = torch.nonzero(w).flatten()
     sg = torch.sign(w[S])
-    f = gap = float("inf")
     at_min = False                                           # w is the minimiser on (S, s)
     added = -1                                               # the weight added last (-1: none)
     for _ in range(max_steps):
-        r = X64 @ w - y64
-        f = float(r @ r)
-        g = 2 * (X64.T @ r)
-        support = (-g).clamp_min(0) if nonneg else g.abs()
-        i = int(support.argmax())
-        gap = max(0.0, mu * float(support[i]) + float(w @ g))
         k = S.numel()
-        if at_min or k == 0:
+        if at_min or k == 0:                                 # optimal on S: optimal overall, or grow S
+            r = X64 @ w - y64
+            f = float(r @ r)
+            g = 2 * (X64.T @ r)
+            terms = _gap_terms(g, nonneg)
+            i = int(terms.argmax())
+            gap = max(0.0, mu * float(terms[i]) + float(w @ g))
             if gap <= tol * max(f, tol):
-                return w, gap, f, True
-            if bool((S == i).any()) or float(support[i]) <= 0:   # nothing to add: leave it to SPG
-                return w, gap, f, False
+                return w, gap
+            if bool((S == i).any()) or float(terms[i]) <= 0:     # nothing to add: leave it to SPG
+                return w, None
             S = torch.cat([S, S.new_tensor([i])])            # enters at 0 with the sign of -g_i
             sg = torch.cat([sg, sg.new_tensor([-1.0 if float(g[i]) > 0 else 1.0])])
             at_min, added = False, i
@@ -237,14 +242,14 @@ def _polish_column(X64: torch.Tensor, y64: torch.Tensor, w: torch.Tensor, mu: fl
         if grow > 0 and l1 + t * grow > mu * (1 + (1e-12 if binding else 0.0)):   # keep ||w||_1 <= mu
             t, leave = max((mu - l1) / grow, 0.0), None
         if t <= 0.0 and (leave is None or int(S[leave]) == added):
-            return w, gap, f, False                          # no progress on this face (degenerate): to SPG
+            return w, None                                   # no progress on this face (degenerate): to SPG
         w[S] = ws + t * step
         if leave is not None:
             w[S[leave]] = 0.0
             keep = torch.arange(k, device=S.device) != leave
             S, sg = S[keep], sg[keep]
         at_min = leave is None and t >= 1.0
-    return w, gap, f, False
+    return w, None
 
 
 def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol: float = 1e-6,
@@ -363,8 +368,7 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
     alpha_min, alpha_max = 1e-10, 1e6 / scale
 
     def gap_of(Wt, g):
-        support = (-g).amax(1).clamp_min(0) if nonneg else g.abs().amax(1)   # max over the set of <w, -g>
-        return (mu_t * support + (Wt * g).sum(1)).clamp_min(0)
+        return (mu_t * _gap_terms(g, nonneg).amax(1) + (Wt * g).sum(1)).clamp_min(0)
 
     d0 = project(Wt - g) - Wt                   # first step: 1 / ||P(w - g) - w||_inf (SPG2)
     alpha = (1.0 / d0.abs().amax(1).clamp_min(1e-30)).clamp(alpha_min, alpha_max)
@@ -385,21 +389,21 @@ def mu_lasso(X: torch.Tensor, Y: torch.Tensor, mu, *, max_iter: int = 3000, tol:
             # geometric spacing (a bounded share of the work), and always at the last iteration
             next_polish = min(it + max(POLISH_START, it // 2), max_iter - 1)
             if X64 is None:
-                X64, Y64 = X.to(torch.float64), Yt.T.to(torch.float64)
+                X64, Y64 = X.to(torch.float64), Yt.to(torch.float64)     # Y64 [C, N]
             todo = torch.nonzero(~done & (gap > tol * torch.clamp(f, min=tol))).flatten().tolist()
             for j in todo:
                 if int((Wt[j] != 0).sum()) > POLISH_MAX_SUPPORT:
                     continue
-                w, gap64, _, met = _polish_column(X64, Y64[:, j], Wt[j].to(torch.float64), float(mu_t[j]), nonneg,
-                                                  tol, POLISH_STEPS)
+                w, gap64 = _polish_column(X64, Y64[j], Wt[j].to(torch.float64), float(mu_t[j]), nonneg, tol,
+                                          POLISH_STEPS)
                 Wt[j] = w.to(dtype)
-                if met:
+                if gap64 is not None:
                     done[j], gap_done[j] = True, gap64
             Wt = project(Wt)                                 # rounding (float32) may leave the ball by an ulp
             Qt = ops.apply(Wt)
             g = ops.grad(Qt)
             f = ops.fval(Wt, Qt)
-            hist = torch.maximum(hist, f[None, :])
+            hist = torch.maximum(hist, f[None, :])           # the line search's reference stays >= f
             continue
         Dt = project(Wt - alpha[:, None] * g) - Wt
         gd = (g * Dt).sum(1)                                 # < 0 unless D = 0
