@@ -652,87 +652,126 @@ __all__ += ["apgd_step", "fab_projection", "apgd_step_reference", "fab_projectio
 
 
 # --------------------------------------------------------------------------------------------
-# forest_leaf_masks  (issue #10: robustops.detect's random forest, per-tree leaf bit masks)
+# forest_leaf_masks  (issue #10: robustops.detect's random forests, per-tree leaf bit masks)
 # --------------------------------------------------------------------------------------------
 @torch.library.register_fake("robustops::forest_leaf_masks")
-def _forest_leaf_masks_fake(bins, bin_map, masks, mask_start, leaf_start, value):
-    _fake_same_device("forest_leaf_masks", bins, "bins", {"bin_map": bin_map, "masks": masks,
-                                                          "mask_start": mask_start, "leaf_start": leaf_start,
-                                                          "value": value})
-    torch._check(bins.dim() == 2 and bin_map.dim() == 3 and masks.dim() == 2 and value.dim() == 2,
-                 lambda: "forest_leaf_masks: bins [K, N], bin_map [K, W, T], masks [M, words], value [L, C]")
-    torch._check(leaf_start.dim() == 1 and leaf_start.shape[0] == bin_map.shape[2] + 1,
-                 lambda: "forest_leaf_masks: leaf_start must be [T + 1]")
-    torch._check(mask_start.dim() == 1 and mask_start.shape[0] == bin_map.shape[2] * bins.shape[0] + 1,
-                 lambda: "forest_leaf_masks: mask_start must be [T * K + 1]")
-    return value.new_empty((bins.shape[1], value.shape[1]))
+def _forest_leaf_masks_fake(x, groups, columns, input_start, cuts, cut_start, bin_map, mask_start, masks, leaf_start,
+                            value):
+    _fake_same_device("forest_leaf_masks", x, "x", {"groups": groups, "columns": columns, "input_start": input_start,
+                                                    "cuts": cuts, "cut_start": cut_start, "bin_map": bin_map,
+                                                    "mask_start": mask_start, "masks": masks,
+                                                    "leaf_start": leaf_start, "value": value})
+    torch._check(x.dim() == 2 and groups.dim() == 1 and masks.dim() == 2 and value.dim() == 2,
+                 lambda: "forest_leaf_masks: x [N, M], groups [N], masks [R, words], value [L, C]")
+    torch._check(groups.shape[0] == x.shape[0], lambda: "forest_leaf_masks: groups must be [N]")
+    return value.new_empty((x.shape[0], value.shape[1]))
 
 
-def forest_leaf_masks(bins: torch.Tensor, bin_map: torch.Tensor, masks: torch.Tensor, mask_start: torch.Tensor,
-                      leaf_start: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """A random forest's mean leaf value from per-tree leaf bit masks (QuickScorer's bit vectors,
-    Lucchese et al., SIGIR 2015, on the boxes of each tree's threshold grid), in one pass.
+_FOREST_ARGS = (("x", (torch.float32,), 2), ("groups", (torch.int64,), 1), ("columns", (torch.int64,), 1),
+                ("input_start", (torch.int64,), 1), ("cuts", (torch.float32,), 1), ("cut_start", (torch.int64,), 1),
+                ("bin_map", (torch.uint8, torch.int16), 1), ("mask_start", (torch.int64,), 1),
+                ("masks", (torch.int64,), 2), ("leaf_start", (torch.int64,), 1), ("value", (torch.float64,), 2))
 
-    Tree ``t``'s masks on input ``f`` are rows ``i = mask_start[t * K + f]`` .. ``mask_start[t *
-    K + f + 1] - 1`` of ``masks``, one per bin of the tree's own grid on ``f``. For sample ``n``
-    the AND over inputs ``f`` of ``masks[i + bin_map[f, bins[f, n], t]]`` has exactly one bit set
-    (63 leaves per int64 word, bit 63 unused): the leaf ``l``. Then
-    ``out[n, c] = sum_t value[leaf_start[t] + l, c] / T``, the trees added in order from zero
-    (scikit-learn's ``predict_proba`` order: the result equals it bit for bit).
+
+def forest_leaf_masks(x: torch.Tensor, groups: torch.Tensor, columns: torch.Tensor, input_start: torch.Tensor,
+                      cuts: torch.Tensor, cut_start: torch.Tensor, bin_map: torch.Tensor, mask_start: torch.Tensor,
+                      masks: torch.Tensor, leaf_start: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A random forest's mean leaf value per sample, from per-tree leaf bit masks (QuickScorer's
+    bit vectors, Lucchese et al., SIGIR 2015, on the boxes of each tree's own threshold grid),
+    for samples of G groups with a forest of T trees each, in one call.
+
+    Input ``p`` (of P) is column ``columns[p]`` of ``x``; group ``g`` reads inputs
+    ``input_start[g] .. input_start[g + 1] - 1`` (``K_g`` of them). A value ``v`` of input ``p``
+    lies in group bin ``b = #{cuts < v}`` among ``cuts[cut_start[p]:cut_start[p + 1]]`` (the
+    thresholds of the group's trees on ``p``, ascending; ``v <= cut`` goes left, as in
+    scikit-learn), and in bin ``u = bin_map[T * (cut_start[p] + p) + b * T + t]`` of tree ``t``.
+    Segment ``s = T * input_start[g] + t * K_g + (p - input_start[g])`` (tree t, input p) has mask
+    rows ``mask_start[s] .. mask_start[s + 1] - 1``; row ``mask_start[s] + u`` holds the tree's
+    leaves whose box spans bin ``u`` (63 per int64 word, bit 63 unused). For sample ``n`` of
+    group ``g = groups[n]`` the AND over the inputs has exactly one bit set, leaf ``l`` of tree
+    ``t``; then ``out[n, c] = sum_t value[leaf_start[g * T + t] + l, c] / T``, the trees added in
+    order from zero (scikit-learn's ``predict_proba`` order: the result equals it bit for bit).
 
     Args:
-        bins: int64 ``[K, N]``, each input's bin among the group's cuts, in ``[0, W)``.
-        bin_map: uint8 or int16 ``[K, W, T]``, that bin in tree ``t``'s own grid.
-        masks: int64 ``[M, words]`` leaf bit masks, tree by tree (``1 <= words <= 64``).
-        mask_start: int64 ``[T * K + 1]``, increasing from 0 to ``M``.
-        leaf_start: int64 ``[T + 1]``, tree ``t``'s leaves are rows ``leaf_start[t] ..
-            leaf_start[t + 1] - 1`` of ``value`` (from 0 to ``L``; 1 to ``63 * words`` per tree).
+        x: float32 ``[N, M]`` inputs (finite in the columns read).
+        groups: int64 ``[N]`` in ``[0, G)``.
+        columns: int64 ``[P]`` in ``[0, M)``; input_start: int64 ``[G + 1]``, 0 .. P, non-decreasing.
+        cuts: float32 ``[W]``; cut_start: int64 ``[P + 1]``, 0 .. W, non-decreasing.
+        bin_map: uint8 or int16 ``[T * (W + P)]``.
+        mask_start: int64 ``[T * P + 1]``, 0 .. R, increasing; masks: int64 ``[R, words]``
+            (``1 <= words <= 64``).
+        leaf_start: int64 ``[G * T + 1]``, 0 .. L, 1 to ``63 * words`` leaves per tree.
         value: float64 ``[L, C]`` leaf values (class fractions). All on one device.
 
     Returns: float64 ``[N, C]``. Raises ``TypeError`` (dtype) / ``ValueError`` (shape, device)
-    naming the argument; the kernels raise ``RuntimeError`` on corrupt tables (an index out of
-    range, masks that do not select exactly one leaf). Built by
-    ``robustops.detect.forest._TreeMasks``; reference: :func:`forest_leaf_masks_reference`.
+    naming the argument; the kernels raise ``RuntimeError`` on a group out of range, a
+    non-finite input or corrupt tables (an offset out of range, a tree bin past the tree's bins,
+    masks that do not select exactly one leaf). Built by
+    ``robustops.detect.forest._LeafMasks``; reference: :func:`forest_leaf_masks_reference`.
     """
-    want = (("bins", bins, (torch.int64,), 2), ("bin_map", bin_map, (torch.uint8, torch.int16), 3),
-            ("masks", masks, (torch.int64,), 2), ("mask_start", mask_start, (torch.int64,), 1),
-            ("leaf_start", leaf_start, (torch.int64,), 1), ("value", value, (torch.float64,), 2))
-    for name, t, dtypes, dim in want:
+    args = (x, groups, columns, input_start, cuts, cut_start, bin_map, mask_start, masks, leaf_start, value)
+    for (name, dtypes, dim), t in zip(_FOREST_ARGS, args):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in dtypes:
             raise TypeError(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
         if t.dim() != dim:
             raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-        if t.device != bins.device:
-            raise ValueError(f"{name} must be on the device of bins ({bins.device}), got {t.device}")
-    k, t_trees = bins.shape[0], bin_map.shape[2]
-    if bin_map.shape[0] != k:
-        raise ValueError(f"bin_map must be [K={k}, W, T], got {tuple(bin_map.shape)}")
-    if mask_start.shape[0] != t_trees * k + 1:
-        raise ValueError(f"mask_start must be [T * K + 1] = [{t_trees * k + 1}], got {tuple(mask_start.shape)}")
-    if leaf_start.shape[0] != t_trees + 1:
-        raise ValueError(f"leaf_start must be [T + 1] = [{t_trees + 1}], got {tuple(leaf_start.shape)}")
-    return torch.ops.robustops.forest_leaf_masks(bins, bin_map, masks, mask_start, leaf_start, value)
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    if groups.shape[0] != x.shape[0]:
+        raise ValueError(f"groups must be [N] = [{x.shape[0]}], got {tuple(groups.shape)}")
+    n_groups, n_inputs = input_start.shape[0] - 1, columns.shape[0]
+    if n_groups < 1 or leaf_start.shape[0] - 1 < n_groups or (leaf_start.shape[0] - 1) % n_groups:
+        raise ValueError(f"leaf_start must be [G * T + 1] with G = {n_groups} groups (input_start [G + 1]) and "
+                         f"T >= 1, got {tuple(leaf_start.shape)}")
+    t_trees = (leaf_start.shape[0] - 1) // n_groups
+    if cut_start.shape[0] != n_inputs + 1:
+        raise ValueError(f"cut_start must be [P + 1] = [{n_inputs + 1}], got {tuple(cut_start.shape)}")
+    if bin_map.shape[0] != t_trees * (cuts.shape[0] + n_inputs):
+        raise ValueError(f"bin_map must be [T * (W + P)] = [{t_trees * (cuts.shape[0] + n_inputs)}], "
+                         f"got {tuple(bin_map.shape)}")
+    if mask_start.shape[0] != t_trees * n_inputs + 1:
+        raise ValueError(f"mask_start must be [T * P + 1] = [{t_trees * n_inputs + 1}], got {tuple(mask_start.shape)}")
+    return torch.ops.robustops.forest_leaf_masks(*args)
 
 
-def forest_leaf_masks_reference(bins, bin_map, masks, mask_start, leaf_start, value):
-    """Eager-PyTorch reference of :func:`forest_leaf_masks` (gathers, an AND over inputs, the leaf
+def forest_leaf_masks_reference(x, groups, columns, input_start, cuts, cut_start, bin_map, mask_start, masks,
+                                leaf_start, value):
+    """Eager-PyTorch reference of :func:`forest_leaf_masks`, group by group (``searchsorted``
+    for the group bins, gathers from the bin map and the masks, an AND over inputs, the leaf
     from the single set bit by testing each bit, a tree-ordered ``cumsum``)."""
-    k, n = bins.shape
-    t_trees, words = bin_map.shape[2], masks.shape[1]
-    first = mask_start[:-1].view(t_trees, k)
-    acc = torch.full((n, t_trees, words), -1, dtype=torch.int64, device=bins.device)
-    for f in range(k):
-        tb = bin_map[f].long().index_select(0, bins[f])                       # [N, T]
-        acc &= masks[first[:, f][None, :] + tb]                               # [N, T, words]
-    bit = torch.arange(63, device=bins.device)
-    set_ = ((acc[..., None] >> bit) & 1).bool().reshape(n, t_trees, words * 63)   # bit 63 ignored
-    if not bool((set_.sum(-1) == 1).all()):
-        raise RuntimeError("forest_leaf_masks_reference: the masks do not select exactly one leaf")
-    leaf = set_.float().argmax(-1)                                            # [N, T]
-    rows = leaf_start[:-1][None, :] + leaf
-    return value[rows].cumsum(1)[:, -1] / t_trees
+    n_groups = input_start.numel() - 1
+    t_trees = (leaf_start.numel() - 1) // n_groups
+    words = masks.shape[1]
+    out = torch.empty((x.shape[0], value.shape[1]), dtype=torch.float64, device=x.device)
+    trees = torch.arange(t_trees, device=x.device)
+    for g in range(n_groups):
+        rows = (groups == g).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        p0, k = int(input_start[g]), int(input_start[g + 1] - input_start[g])
+        first = leaf_start[g * t_trees:(g + 1) * t_trees]
+        leaves = leaf_start[g * t_trees + 1:(g + 1) * t_trees + 1] - first
+        rest = leaves[:, None] - 63 * torch.arange(words, device=x.device)[None, :]                 # [T, words]
+        init = torch.where(rest >= 63, torch.full_like(rest, 2**63 - 1),
+                           torch.where(rest <= 0, torch.zeros_like(rest), (1 << rest.clamp(0, 62)) - 1))
+        acc = init[None].expand(rows.numel(), t_trees, words).clone()
+        for f in range(k):
+            p = p0 + f
+            c0, c1 = int(cut_start[p]), int(cut_start[p + 1])
+            v = x[rows, int(columns[p])].contiguous()
+            b = torch.searchsorted(cuts[c0:c1].contiguous(), v)                                   # #{cuts < v}
+            u = bin_map[t_trees * (c0 + p) + b[:, None] * t_trees + trees[None, :]].long()       # [r, T]
+            seg = t_trees * p0 + trees * k + f
+            acc &= masks[mask_start[seg][None, :] + u]                                           # [r, T, words]
+        bit = torch.arange(63, device=x.device)
+        set_ = ((acc[..., None] >> bit) & 1).bool().reshape(rows.numel(), t_trees, words * 63)
+        if not bool((set_.sum(-1) == 1).all()):
+            raise RuntimeError("forest_leaf_masks_reference: the masks do not select exactly one leaf")
+        leaf = set_.float().argmax(-1)                                                          # [r, T]
+        out[rows] = value[first[None, :] + leaf].cumsum(1)[:, -1] / t_trees
+    return out
 
 
 __all__ += ["forest_leaf_masks", "forest_leaf_masks_reference"]

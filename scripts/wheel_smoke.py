@@ -125,15 +125,19 @@ def smoke_fab_projection(ops, dev):
 
 
 def smoke_forest_leaf_masks(ops, dev):
-    # two trees on one input cut into 2 bins (two leaves each); group bins 0, 1, 2 -> tree bins
+    # one group, two trees on one input (column 0 of x): tree 0 cuts at 0.5, tree 1 at 0.7, so
+    # group bins 0, 1, 2 (among the cuts 0.5, 0.7) -> tree bins (0, 0), (1, 0), (1, 1)
     i64 = dict(device=dev, dtype=torch.int64)
-    bins = torch.tensor([[0, 2]], **i64)
-    bin_map = torch.tensor([[[0, 0], [1, 0], [1, 1]]], device=dev, dtype=torch.uint8)
-    masks = torch.tensor([[1], [2], [1], [2]], **i64)                     # per tree: bin b -> leaf b
+    x = torch.tensor([[0.2], [0.9]], device=dev)
+    groups, columns, input_start = torch.tensor([0, 0], **i64), torch.tensor([0], **i64), torch.tensor([0, 1], **i64)
+    cuts, cut_start = torch.tensor([0.5, 0.7], device=dev), torch.tensor([0, 2], **i64)
+    bin_map = torch.tensor([0, 0, 1, 0, 1, 1], device=dev, dtype=torch.uint8)
     mask_start = torch.tensor([0, 2, 4], **i64)
+    masks = torch.tensor([[1], [2], [1], [2]], **i64)                     # per tree: bin b -> leaf b
     leaf_start = torch.tensor([0, 2, 4], **i64)
     value = torch.tensor([[0.0], [1.0], [0.25], [0.75]], device=dev, dtype=torch.float64)
-    out = ops.forest_leaf_masks(bins, bin_map, masks, mask_start, leaf_start, value)
+    out = ops.forest_leaf_masks(x, groups, columns, input_start, cuts, cut_start, bin_map, mask_start, masks,
+                                leaf_start, value)
     ref = torch.tensor([[(0.0 + 0.25) / 2], [(1.0 + 0.75) / 2]], device=dev, dtype=torch.float64)
     _close(out, ref, "forest_leaf_masks")
 

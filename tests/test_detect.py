@@ -353,10 +353,10 @@ def test_tensor_forest_equals_sklearn_exactly():
         assert torch.equal(back.predict_proba(torch.from_numpy(Xt)), p)
 
 
-@pytest.mark.parametrize("kind", ["table", "tree_tables", "tree_masks", "walk"])
-def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
+@pytest.mark.parametrize("form", ["leaf_masks", "walk"])
+def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(form):
     """specialize(columns, blocks): each sample read as if the inputs of other groups were 0
-    (the detector's with-label design), from a wider matrix, in all four evaluation forms."""
+    (the detector's with-label design), from a wider matrix, in both evaluation forms."""
     from sklearn.ensemble import RandomForestClassifier
     rng = np.random.default_rng(1)
     g, width = 4, 30
@@ -368,10 +368,8 @@ def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
     z = wide[:, columns.numpy()] * (blocks.numpy()[None, :] == grp[:, None])
     y = (z.sum(1) + 0.3 * rng.normal(size=600) > 0.9).astype(int)
     rf = RandomForestClassifier(n_estimators=30, random_state=0).fit(z[:400], y[:400])
-    caps = {"table": {}, "tree_tables": {"max_cells": 1}, "tree_masks": {"max_cells": 1, "max_tree_cells": 1},
-            "walk": {"max_cells": 1, "max_tree_cells": 1, "max_mask_bytes": 0}}[kind]
-    sp = TensorForest.from_sklearn(rf).specialize(columns, blocks, g, **caps)
-    assert kind in sp.kinds() and (kind != "walk" or set(sp.kinds()) == {"walk"})
+    sp = TensorForest.from_sklearn(rf).specialize(columns, blocks, g, form=form)
+    assert sp.form == form
     ref = rf.predict_proba(z)
     x, gr = torch.from_numpy(wide), torch.from_numpy(grp)
     assert np.array_equal(sp.predict_proba(x, gr).numpy(), ref)
@@ -386,6 +384,17 @@ def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(kind):
         sp.predict_proba(x[:3], torch.tensor([0, 1, g]))
     with pytest.raises(ValueError, match="blocks"):                    # inputs of a group that would be ignored
         TensorForest.from_sklearn(rf).specialize(columns, blocks, g - 1)
+    with pytest.raises(ValueError, match="form"):
+        TensorForest.from_sklearn(rf).specialize(columns, blocks, g, form="table")
+    # tables over the size limit: "auto" walks, "leaf_masks" says why it cannot
+    assert TensorForest.from_sklearn(rf).specialize(columns, blocks, g, max_bytes=10).form == "walk"
+    with pytest.raises(ValueError, match="max_bytes"):
+        TensorForest.from_sklearn(rf).specialize(columns, blocks, g, form="leaf_masks", max_bytes=10)
+    # a non-finite input the forest reads is an error, not a silent route
+    bad = x.clone()
+    bad[0, int(columns[blocks == int(gr[0])][0])] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        sp.predict_proba(bad, gr)
 
 
 def test_thousand_trees_with_many_thresholds_use_leaf_masks_exactly():
@@ -403,8 +412,8 @@ def test_thousand_trees_with_many_thresholds_use_leaf_masks_exactly():
     y = (z.sum(1) + 0.4 * rng.normal(size=n + 300) > 0.6).astype(int) + (z[:, 0] > 0.7)   # 3 classes, noisy
     rf = RandomForestClassifier(n_estimators=1000, random_state=0).fit(z[:n], y[:n])
     sp = TensorForest.from_sklearn(rf).specialize(columns, blocks, g)
-    assert sp.kinds()[0] == "tree_masks"
-    assert sp.groups[0].words >= 3                           # 3+ words per tree (> 126 leaves): the op's general path
+    assert sp.form == "leaf_masks"
+    assert sp.masks.words >= 3                               # 3+ words per tree (> 126 leaves): the op's general path
     ref = rf.predict_proba(z)
     x, gr = torch.from_numpy(wide), torch.from_numpy(grp)
     assert np.array_equal(sp.predict_proba(x, gr).numpy(), ref)
@@ -413,35 +422,39 @@ def test_thousand_trees_with_many_thresholds_use_leaf_masks_exactly():
     assert np.array_equal(one.numpy(), ref[:5, 1])
 
 
-def test_table_by_counts_for_pure_leaves_only():
-    """Pure leaves (fractions 0 / 1): the table is built from integer counts (difference arrays),
-    exact in any order; impure leaves must not take that path."""
+def test_pure_and_impure_leaves_and_deep_trees_on_one_input():
+    """Fully grown trees (pure leaves) and trees with impure leaves give scikit-learn's
+    probabilities; a deep forest on one input (more than 255 cuts per tree: the int16 bin map)
+    too."""
     from sklearn.ensemble import RandomForestClassifier
     rng = np.random.default_rng(4)
     X = rng.random((300, 2)).astype(np.float32)
     y = ((X[:, 0] - 0.5) * (X[:, 1] - 0.4) + 0.05 * rng.normal(size=300) > 0).astype(int)
     Xt = np.concatenate([X, rng.random((200, 2)).astype(np.float32)])
-    pure = RandomForestClassifier(n_estimators=50, random_state=0).fit(X, y)
-    sp = TensorForest.from_sklearn(pure).specialize(torch.arange(2), max_table_work=1)   # no painting allowed
-    assert sp.kinds() == ["table"]
-    assert np.array_equal(sp.predict_proba(torch.from_numpy(Xt)).numpy(), pure.predict_proba(Xt))
-    impure = RandomForestClassifier(n_estimators=50, min_samples_leaf=7, random_state=0).fit(X, y)
-    sp = TensorForest.from_sklearn(impure).specialize(torch.arange(2), max_table_work=1)
-    assert sp.kinds() != ["table"]
-    assert np.array_equal(sp.predict_proba(torch.from_numpy(Xt)).numpy(), impure.predict_proba(Xt))
+    for leaf in (1, 7):
+        rf = RandomForestClassifier(n_estimators=50, min_samples_leaf=leaf, random_state=0).fit(X, y)
+        sp = TensorForest.from_sklearn(rf).specialize(torch.arange(2))
+        assert sp.form == "leaf_masks"
+        assert np.array_equal(sp.predict_proba(torch.from_numpy(Xt)).numpy(), rf.predict_proba(Xt))
+    x1 = rng.random((1500, 1)).astype(np.float32)
+    y1 = rng.integers(0, 2, 1500)                                       # noise: one leaf per sample
+    rf = RandomForestClassifier(n_estimators=5, random_state=0).fit(x1, y1)
+    sp = TensorForest.from_sklearn(rf).specialize(torch.arange(1))
+    assert sp.masks.bin_map.dtype == torch.int16
+    xt = np.concatenate([x1, rng.random((300, 1)).astype(np.float32)])
+    assert np.array_equal(sp.predict_proba(torch.from_numpy(xt)).numpy(), rf.predict_proba(xt))
 
 
-def test_tree_tables_with_many_inputs_in_one_group():
-    """A group whose trees cut more inputs than numpy has dimensions (64): each tree's table
-    spans only the inputs that tree cuts."""
+def test_leaf_masks_with_many_inputs_in_one_group():
+    """A group whose trees cut more inputs than numpy has dimensions (64), read from 90 columns."""
     from sklearn.ensemble import RandomForestClassifier
     rng = np.random.default_rng(2)
     X = rng.random((500, 90)).astype(np.float32)
     y = (X[:, :45].sum(1) > X[:, 45:].sum(1)).astype(int)
     rf = RandomForestClassifier(n_estimators=40, max_depth=4, random_state=0).fit(X, y)
-    sp = TensorForest.from_sklearn(rf).specialize(torch.arange(90), max_cells=1)
+    sp = TensorForest.from_sklearn(rf).specialize(torch.arange(90))
     used = {int(f) for e in rf.estimators_ for f in e.tree_.feature[e.tree_.feature >= 0]}
-    assert sp.kinds() == ["tree_tables"] and len(used) > 64
+    assert sp.form == "leaf_masks" and len(used) > 64
     assert np.array_equal(sp.predict_proba(torch.from_numpy(X)).numpy(), rf.predict_proba(X))
 
 

@@ -5,41 +5,37 @@ leaf class fractions) into padded tensors ``[T, max_nodes]``; :meth:`TensorFores
 is what a saved detector stores (no pickled scikit-learn object, so it loads with
 ``torch.load(weights_only=True)``).
 
-Inference is compiled from those arrays (:meth:`TensorForest.specialize`) into three exact
-forms, chosen per *group* of samples:
+Inference is compiled from those arrays (:meth:`TensorForest.specialize`) into one of two exact
+forms:
 
-* **Table** (few inputs): the forest is a step function of its inputs, constant on the cells of
-  the grid cut by its thresholds. When that grid is small (``max_cells``) the forest's
-  probabilities are painted into a table once; predicting is one ``searchsorted`` over the
-  inputs and one gather, whatever the number or depth of the trees.
-* **Per-tree tables** (more inputs, each tree cutting few of them): one small table per tree on
-  the grid of that tree's own cuts, holding its leaf value. An input's bin among the group's
-  cuts maps to its bin in every tree through a precomputed map: one ``searchsorted``, one
-  gather for all trees and inputs, one gather of the values, then the sum over trees.
-* **Per-tree leaf masks** (many cuts per input, few inputs): each tree's leaves are boxes of
-  its own bins; per tree, input and bin a bit mask of the leaves whose box spans the bin. The
-  AND of an input's masks over the inputs leaves one bit: its leaf (QuickScorer's bit vectors,
-  on boxes). Costs a map from the group's bins to every tree's bins (uint8) -- tens of MB for
-  the detector's 1000-tree default (``MAX_MASK_BYTES`` per group) -- and no per-level work.
-* **Walk** (any forest): every tree for every sample at once, one level per step. Node ids are
-  doubled so a child is found as ``child[2 n + (x[f_n] <= t_n)]`` (one gather, no branch);
-  every other level the (tree, sample) pairs already at a leaf are dropped once they are a large
-  share (most paths end far above the deepest leaf). All walking groups share one walk.
+* **Leaf masks** (the default): QuickScorer's bit vectors (Lucchese et al., SIGIR 2015) on the
+  boxes of each tree's own threshold grid. Per tree and input, the tree's distinct thresholds on
+  that input cut it into bins; each leaf is a box of bins; per bin, a bit mask of the leaves
+  whose box spans it. The AND of an input's bins' masks over the inputs leaves one bit: the
+  leaf. An input value's bin in every tree comes from one binary search among the thresholds
+  of all the group's trees on that input (its *group bin*) and a precomputed row, per group
+  bin, of the bin in each tree (the *bin map*, one byte per tree and threshold: the bulk of the
+  tables). Evaluated by the compiled op ``robustops::forest_leaf_masks``
+  (``csrc/ops/forest_leaf_masks.cpp``) for every sample and every group in one call.
+* **Walk** (trees with more than 63 x 64 leaves, or bin maps over ``MAX_MAP_BYTES``): every
+  tree for every sample at once, one level per step. Node ids are doubled so a child is found
+  as ``child[2 n + (x[f_n] <= t_n)]`` (one gather, no branch); every other level the (tree,
+  sample) pairs already at a leaf are dropped once they are a large share (most paths end far
+  above the deepest leaf).
 
 Grouping is what the relevant-neuron detector needs with ``use_label=True``: an image of
 predicted class j has zeros in every input outside class j's block, so every split on another
 block's input is decided in advance (``0 <= t``). ``specialize(columns, blocks, G)`` resolves
 those splits (pointer jumping over the node arrays), leaving per class a forest over that class's
-few inputs, shallow enough for a table or per-tree tables in most classes. Inputs are read
-straight from the columns of the wide descriptor matrix (no design matrix is built).
+few inputs. Inputs are read straight from the columns of the wide descriptor matrix (no design
+matrix is built).
 
 Exactness: the result equals ``rf.predict_proba`` bit for bit. Splits compare the float32
 input with the float64 threshold as scikit-learn does (``x <= t``): the threshold is stored as
 the largest float32 ``<= t``, which decides every float32 ``x`` the same way. Leaf fractions are
-float64 and the trees' contributions are summed in tree order from zero (a sequential
-``cumsum`` over trees, or sequential table accumulation), then divided by T, as scikit-learn's
-``out += tree.predict_proba(X)`` loop does. Inputs are expected finite (NaN routing is not
-scikit-learn's).
+float64 and the trees' contributions are summed in tree order from zero, then divided by T, as
+scikit-learn's ``out += tree.predict_proba(X)`` loop does. Inputs must be finite (the op raises
+on a non-finite input it reads).
 """
 from __future__ import annotations
 
@@ -52,24 +48,14 @@ from .._ops import forest_leaf_masks
 
 __all__ = ["TensorForest", "SpecializedForest"]
 
-#: largest table (grid cells) :meth:`TensorForest.specialize` builds for one group.
-MAX_CELLS = 1 << 18
-#: largest painting work (cells x trees) for one group's table.
-MAX_TABLE_WORK = 1 << 25
-#: largest total of the per-tree tables (cells summed over trees) for one group.
-MAX_TREE_CELLS = 1 << 20
-#: a group whose leaves are all pure (class fractions 0 or 1, as in fully grown trees) and that
-#: cuts at most MAX_COUNT_INPUTS inputs gets a table of up to MAX_COUNT_CELLS cells whatever the
-#: number of trees: the per-cell sums are integer counts (exact in any order), built with
-#: difference arrays (2^k corners per leaf box) instead of painting every tree's grid.
-MAX_COUNT_CELLS = 1 << 18
-MAX_COUNT_INPUTS = 4
-#: largest memory (bytes) of one group's per-tree leaf masks (:class:`_TreeMasks`: a map from the
-#: group's bins to every tree's bins, uint8 / int16, plus the masks). The detector's 1000-tree
-#: forests need ~5-50 MB per class with many thresholds; 0 disables the form.
-MAX_MASK_BYTES = 1 << 26
-#: most 63-bit mask words per tree (leaves <= 63 x this; the op's limit).
+#: most 63-bit mask words per tree (leaves <= 63 x this; the op's limit); deeper trees walk.
 MAX_MASK_WORDS = 64
+#: largest bin map (bytes) of the leaf-mask form (:meth:`TensorForest.specialize`): one entry per
+#: tree and per distinct threshold of every input of every group. The detector's 1000-tree
+#: forests need ~10-50 MB; larger forests walk.
+MAX_MAP_BYTES = 1 << 28
+#: the compiled forms, for :meth:`TensorForest.specialize`'s ``form``.
+FORMS = ("auto", "leaf_masks", "walk")
 
 
 def _f32_floor(t: np.ndarray) -> np.ndarray:
@@ -170,8 +156,7 @@ class TensorForest:
         return self._plain.predict_proba(x)
 
     def specialize(self, columns: torch.Tensor, blocks: Optional[torch.Tensor] = None, num_groups: Optional[int] = None,
-                   max_cells: int = MAX_CELLS, max_table_work: int = MAX_TABLE_WORK,
-                   max_tree_cells: int = MAX_TREE_CELLS, max_mask_bytes: int = MAX_MASK_BYTES) -> "SpecializedForest":
+                   form: str = "auto", max_bytes: int = MAX_MAP_BYTES) -> "SpecializedForest":
         """Compile the forest for inputs read from columns of a wider matrix, optionally by group.
 
         Args:
@@ -181,22 +166,25 @@ class TensorForest:
                 then evaluates each sample ``n`` as if every input of another group than
                 ``groups[n]`` were 0 (the detector's "with label" input), exactly.
             num_groups: G (default ``max(blocks) + 1``).
-            max_cells / max_table_work / max_tree_cells: how each group is evaluated (all exact):
-                a group whose threshold grid has at most ``max_cells`` cells (and ``cells x trees
-                <= max_table_work``) becomes one table; else, when the trees' own grids total at
-                most ``max_tree_cells`` cells, one table per tree; else, when the per-tree bin map
-                and leaf masks take at most ``max_mask_bytes`` bytes, per-tree leaf bit masks
-                (:class:`_TreeMasks`); else a level-by-level walk.
+            form: ``"auto"`` (leaf masks unless a tree has more than 63 x ``MAX_MASK_WORDS``
+                leaves or their bin maps would take more than ``max_bytes``; then the walk),
+                ``"leaf_masks"`` or ``"walk"`` (all exact; see the module docstring).
+            max_bytes: largest bin map (bytes) of the leaf-mask form.
+
+        Raises:
+            ValueError: bad ``columns`` / ``blocks`` / ``form``, or ``form="leaf_masks"`` for
+                trees too deep for it.
         """
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         columns = torch.as_tensor(columns, dtype=torch.int64).cpu()
         n_in = self.n_inputs
         if columns.dim() != 1 or columns.numel() < n_in:
             raise ValueError(f"columns must be [F] with F >= {n_in} (the forest's inputs), "
                              f"got {tuple(columns.shape)}")
         raw = _RawArrays(self)
-        caps = (max(max_cells, 1), max_table_work, max_tree_cells, min(max_cells, MAX_COUNT_CELLS), max_mask_bytes)
         if blocks is None:
-            grouped = [_compile(raw, np.ones(columns.numel(), bool), columns.numpy(), *caps)]
+            grouped = [_specialize_group(raw, np.ones(columns.numel(), bool), columns.numpy())]
         else:
             blocks = torch.as_tensor(blocks, dtype=torch.int64).cpu()
             if blocks.shape != columns.shape:
@@ -206,9 +194,17 @@ class TensorForest:
             if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= g):
                 raise ValueError(f"blocks must lie in [0, {g}), got [{int(blocks.min())}, {int(blocks.max())}]")
             b = blocks.numpy()
-            grouped = [_compile(raw, b == j, columns.numpy(), *caps) for j in range(g)]
-        return SpecializedForest(grouped, self.n_trees, int(self.value.shape[-1]),
-                                 int(columns.max()) + 1 if columns.numel() else 0, grouped=blocks is not None)
+            grouped = [_specialize_group(raw, b == j, columns.numpy()) for j in range(g)]
+        n_cols = int(columns.max()) + 1 if columns.numel() else 0
+        n_cls = int(self.value.shape[-1])
+        masks = None
+        if form != "walk":
+            masks = _LeafMasks.build(grouped, max_bytes)
+            if masks is None and form == "leaf_masks":
+                raise ValueError(f"form='leaf_masks' needs at most {63 * MAX_MASK_WORDS} leaves per tree and "
+                                 f"tables of at most max_bytes={max_bytes}; use form='walk' or 'auto'")
+        walk = None if masks is not None else _Walk([nd for nd, _ in grouped], [c for _, c in grouped])
+        return SpecializedForest(masks, walk, len(grouped), self.n_trees, n_cls, n_cols, grouped=blocks is not None)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {"feature": self.feature.cpu(), "threshold": self.threshold.cpu(), "left": self.left.cpu(),
@@ -273,10 +269,9 @@ class _RawArrays:
         self.roots = np.arange(t, dtype=np.int64) * k
 
 
-def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells: int, max_table_work: int,
-             max_tree_cells: int, max_count_cells: int, max_mask_bytes: int = 0):
-    """One group: resolve splits on inputs outside ``inputs`` (value 0), keep the reachable nodes,
-    and build a table (small threshold grid), per-tree tables, per-tree leaf masks or a walk."""
+def _specialize_group(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray):
+    """One group: resolve splits on inputs outside ``inputs`` (value 0) and keep the reachable
+    nodes. Returns ``(node arrays, columns of the inputs the group's trees use)``."""
     n = raw.feature.shape[0]
     ids = np.arange(n)
     mine = np.zeros(n, bool)
@@ -319,20 +314,7 @@ def _compile(raw: _RawArrays, inputs: np.ndarray, columns: np.ndarray, max_cells
             "internal": internal, "value": raw.value[kept], "roots": new[roots], "depth": depth,
             "tree": kept // raw.k}
     cols = torch.from_numpy(np.ascontiguousarray(columns[used]))
-    cuts = [np.unique(node["threshold"][internal & (node["feature"] == f)]) for f in range(used.size)]
-    cells = float(np.exp2(min(sum(np.log2(c.size + 1) for c in cuts), 64.0)))      # log scale: no overflow
-    leaf_values = node["value"][~internal]
-    pure = bool(np.all((leaf_values == 0) | (leaf_values == 1))) and used.size <= MAX_COUNT_INPUTS
-    if cells <= max_cells and (cells * raw.n_trees <= max_table_work or (pure and cells <= max_count_cells)):
-        return _Table(node, cols, cuts, by_counts=pure)
-    cut = _tree_cuts(node, used.size)
-    tree_cells = float(np.exp2(np.minimum(np.log2(cut["dims"]).sum(1), 64.0)).sum())
-    bin_map = used.size * raw.n_trees * (max([c.size for c in cuts], default=0) + 1)
-    if tree_cells <= max_tree_cells and bin_map <= max_tree_cells:
-        return _TreeTables(node, cols, cut, cuts)
-    if max_mask_bytes > 0 and _TreeMasks.nbytes(node, cut, cuts) <= max_mask_bytes:
-        return _TreeMasks(node, cols, cut, cuts)
-    return (node, cols)                                      # a walk, merged with the others
+    return node, cols
 
 
 def _leaf_boxes(node, rank: np.ndarray, dims: np.ndarray):
@@ -362,21 +344,6 @@ def _leaf_boxes(node, rank: np.ndarray, dims: np.ndarray):
     return leaf[order], tree[order], lo[order], hi[order]
 
 
-def _padded_cuts(cuts: List[np.ndarray], width: int) -> np.ndarray:
-    out = np.full((len(cuts), width), np.inf, np.float32)  # +inf padding is never < x
-    for f, c in enumerate(cuts):
-        out[f, :c.size] = c
-    return out
-
-
-def _row_major_strides(dims: np.ndarray) -> np.ndarray:
-    """``[..., k]`` strides of a row-major grid of shape ``dims[..., :]``."""
-    strides = np.ones_like(dims)
-    for f in range(dims.shape[-1] - 2, -1, -1):
-        strides[..., f] = strides[..., f + 1] * dims[..., f + 1]
-    return strides
-
-
 def _to(obj, device):
     out = object.__new__(type(obj))
     out.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in obj.__dict__.items()})
@@ -396,67 +363,6 @@ def _tree_sum(values: torch.Tensor, index: torch.Tensor, t: int, n: int, column:
     if column is not None:
         return values[column].index_select(0, index).view(t, n).cumsum(0)[-1] / t
     return torch.stack([v.index_select(0, index).view(t, n).cumsum(0)[-1] for v in values], 1) / t
-
-
-class _Table:
-    """The whole forest as a step function on the grid of its thresholds (exact for float32).
-
-    Input f falls in bin ``#{cuts_f < x_f}`` (``searchsorted``); ``x_f <= t`` iff its bin is at
-    most the rank of ``t`` among the cuts. Each tree's leaves are boxes of bins; the table is the
-    sum over trees, in scikit-learn's order, of each tree's painted grid, divided by T.
-    """
-
-    def __init__(self, node, cols: torch.Tensor, cuts: List[np.ndarray], by_counts: bool = False):
-        k = len(cuts)
-        dims = np.asarray([c.size + 1 for c in cuts], np.int64)
-        t = node["roots"].size
-        n_cls = node["value"].shape[1]
-        rank = np.zeros(node["feature"].size, np.int64)
-        for f, c in enumerate(cuts):
-            sel = node["internal"] & (node["feature"] == f)
-            rank[sel] = np.searchsorted(c, node["threshold"][sel])
-        leaf, ltree, lo, hi = _leaf_boxes(node, rank, np.tile(dims, (t, 1)))
-        if by_counts:
-            # pure leaves: each cell's sum over trees is an integer count, the same in any order;
-            # +-1 at the 2^k corners of every non-empty box, then a prefix sum along each axis
-            nonempty = np.all(hi > lo, axis=1)
-            leaf, lo, hi = leaf[nonempty], lo[nonempty], hi[nonempty]
-            vals = node["value"][leaf].astype(np.int64)     # [L, C] of 0 / 1
-            diff = np.zeros(tuple(dims + 1) + (n_cls,), np.int64)
-            if k == 0:                                       # one cell: every tree is a single leaf
-                diff += vals.sum(0)
-            for corner in range(1 << k if k else 0):
-                bits = [(corner >> f) & 1 for f in range(k)]
-                idx = tuple(hi[:, f] if b else lo[:, f] for f, b in enumerate(bits))
-                np.add.at(diff, idx, vals if sum(bits) % 2 == 0 else -vals)
-            for axis in range(k):
-                diff = np.cumsum(diff, axis=axis)
-            acc = diff[tuple(slice(0, d) for d in dims)].astype(np.float64)
-        else:
-            acc = np.zeros(tuple(dims) + (n_cls,), np.float64)
-            grid = np.empty_like(acc)
-            starts = np.searchsorted(ltree, np.arange(t + 1))
-            for i in range(t):                               # trees in scikit-learn's summation order
-                for p in range(starts[i], starts[i + 1]):
-                    grid[tuple(slice(a, b) for a, b in zip(lo[p], hi[p]))] = node["value"][leaf[p]]
-                acc += grid
-        acc /= t
-        self.table = torch.from_numpy(np.ascontiguousarray(acc.reshape(-1, n_cls).T))   # [C, cells]
-        self.cuts = torch.from_numpy(_padded_cuts(cuts, max([c.size for c in cuts], default=0)))
-        self.strides = torch.from_numpy(_row_major_strides(dims))[:, None]
-        self.cols = cols
-
-    def to(self, device) -> "_Table":
-        return _to(self, device)
-
-    def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int]) -> torch.Tensor:
-        table = self.table if column is None else self.table[column:column + 1]
-        if self.cols.numel() == 0:
-            n = x.shape[0] if rows is None else rows.numel()
-            return table[:, 0].expand(n, table.shape[0]) if column is None else table[0, 0].expand(n)
-        bins = torch.searchsorted(self.cuts, _gather_inputs(x, self.cols, rows))   # [k, n]: #{cuts < x}
-        out = table.index_select(1, (bins * self.strides).sum(0))
-        return out.t() if column is None else out[0]
 
 
 def _tree_cuts(node, k: int) -> dict:
@@ -480,137 +386,100 @@ def _tree_cuts(node, k: int) -> dict:
     return {"dims": count + 1, "rank": rank, "d_tree": it[first], "d_feat": f[first], "d_thr": thr[first]}
 
 
-class _TreeTables:
-    """One small table per tree, on the grid of that tree's own thresholds, holding the value of
-    the leaf each cell reaches. An input's bin among the group's cuts (one ``searchsorted``)
-    maps to its bin in every tree (a precomputed map, one gather for all trees and inputs);
-    the trees' values are then summed in order (as the walk does)."""
+class _LeafMasks:
+    """Every group's trees as leaf bit masks on the boxes of each tree's own threshold grid (see
+    the module docstring and ``csrc/ops/forest_leaf_masks.cpp``, which evaluates them).
 
-    def __init__(self, node, cols: torch.Tensor, cut: dict, gcuts: List[np.ndarray]):
-        t, k = node["roots"].size, cut["dims"].shape[1]
-        dims = cut["dims"]
-        strides = _row_major_strides(dims)
-        cells = dims.prod(1)
-        offsets = np.r_[0, np.cumsum(cells)][:-1]
-        leaf, ltree, lo, hi = _leaf_boxes(node, cut["rank"], dims)
-        n_cls = node["value"].shape[1]
-        table = np.empty((int(cells.sum()), n_cls), np.float64)
-        split = dims > 1                                     # a tree's grid only spans the inputs it cuts
-        for p in range(leaf.size):
-            i = ltree[p]
-            view = table[offsets[i]:offsets[i] + cells[i]].reshape(tuple(dims[i][split[i]]) + (n_cls,))
-            view[tuple(slice(a, b) for a, b in zip(lo[p][split[i]], hi[p][split[i]]))] = node["value"][leaf[p]]
-        # group bin b of input f (x in (gcuts_f[b-1], gcuts_f[b]]) -> bin in tree t: the number
-        # of t's cuts on f of group rank < b; stored times the stride (plus the tree's offset)
-        width = max(c.size for c in gcuts) + 1
-        grank = np.zeros(cut["d_thr"].size, np.int64)
-        for f, c in enumerate(gcuts):
-            sel = cut["d_feat"] == f
-            grank[sel] = np.searchsorted(c, cut["d_thr"][sel])
-        counts = np.zeros((k, t, width), np.int64)
-        counts[cut["d_feat"], cut["d_tree"], grank + 1] = 1
-        bin_map = np.cumsum(counts, axis=2) * strides.T[:, :, None]
-        bin_map[0] += offsets[:, None]
-        self.bin_map = torch.from_numpy(bin_map.reshape(-1))
-        self.base = torch.from_numpy((np.arange(k * t, dtype=np.int64) * width).reshape(k, t, 1))
-        self.cuts = torch.from_numpy(_padded_cuts(gcuts, width - 1))
-        self.table = torch.from_numpy(np.ascontiguousarray(table.T))         # [C, cells]
-        self.cols = cols
-        self.n_trees = t
+    Tables, all groups concatenated (group by group; per group tree by tree, input by input: one
+    *segment* per (group, tree, input)): ``columns [P]`` and ``input_start [G + 1]`` (each group's
+    inputs); ``cuts [W]`` float32 and ``cut_start [P + 1]`` (each input's distinct thresholds
+    over its group's trees, ascending: an input value's *group bin* is the number below it);
+    ``bin_map [T * (W + P)]`` uint8 / int16 (per input and group bin, that bin in each of the T
+    trees' own grids); ``mask_start [T * P + 1]`` and ``masks [R, words]`` int64 (per segment
+    and tree bin, the leaves whose box spans the bin, 63 per word); ``leaf_start [G * T + 1]``
+    and ``value [L, C]`` float64 (each tree's reachable leaves, in order)."""
 
-    def to(self, device) -> "_TreeTables":
-        return _to(self, device)
+    @classmethod
+    def build(cls, grouped: List[tuple], max_bytes: int) -> Optional["_LeafMasks"]:
+        """From ``(node arrays, columns)`` per group (:func:`_specialize_group`); ``None`` when a
+        tree has more leaves than ``63 * MAX_MASK_WORDS``, cuts an input more than 32,766 times,
+        or the tables would exceed ``max_bytes``."""
+        t = grouped[0][0]["roots"].size
+        parts, words, most_bins, n_map = [], 1, 1, 0
+        for node, cols in grouped:
+            k = cols.numel()
+            cut = _tree_cuts(node, k)
+            leaf, ltree, lo, hi = _leaf_boxes(node, cut["rank"], cut["dims"])
+            ok = np.all(hi > lo, axis=1)                     # empty boxes: leaves no input reaches
+            leaf, ltree, lo, hi = leaf[ok], ltree[ok], lo[ok], hi[ok]
+            counts = np.bincount(ltree, minlength=t)
+            most = int(counts.max(initial=1))
+            words = max(words, -(-most // 63))
+            most_bins = max(most_bins, int(cut["dims"].max(initial=1)))
+            gcuts = [np.unique(cut["d_thr"][cut["d_feat"] == f]) for f in range(k)]
+            n_map += t * sum(c.size + 1 for c in gcuts)
+            parts.append((node, cols, cut, gcuts, leaf, ltree, lo, hi, counts))
+        map_dtype = np.uint8 if most_bins <= 255 else np.int16
+        if words > MAX_MASK_WORDS or most_bins > 32767 or n_map * np.dtype(map_dtype).itemsize > max_bytes:
+            return None
+        out = object.__new__(cls)
+        cuts, maps, dims_all, masks, leaf_counts, values, columns, input_start = [], [], [], [], [], [], [], [0]
+        for node, cols, cut, gcuts, leaf, ltree, lo, hi, counts in parts:
+            k = cols.numel()
+            dims = cut["dims"].reshape(-1)                   # tree bins per segment, tree-major
+            seg_row = np.r_[0, np.cumsum(dims)][:-1]          # each segment's first mask row
+            n_rows = int(dims.sum())
+            first = np.r_[0, np.cumsum(counts)]
+            pos = np.arange(leaf.size) - first[ltree]        # leaf position within its tree
+            word, bit = pos // 63, np.left_shift(np.int64(1), (pos % 63).astype(np.int64))
+            # +bit at the row where a leaf's box starts, -bit past its end (at most the next
+            # segment's first row), then a running sum: the leaves' bits are distinct, so sums are ORs
+            diff = np.zeros((n_rows + 1, words), np.int64)
+            for f in range(k):
+                row = seg_row[ltree * k + f]
+                np.add.at(diff, (row + lo[:, f], word), bit)
+                np.subtract.at(diff, (row + hi[:, f], word), bit)
+            masks.append(np.cumsum(diff, axis=0)[:n_rows])
+            for f in range(k):                               # tree bin of group bin b: the tree's cuts below b
+                sel = cut["d_feat"] == f
+                grank = np.searchsorted(gcuts[f], cut["d_thr"][sel])
+                below = np.zeros((gcuts[f].size + 1, t), np.int32)
+                below[grank + 1, cut["d_tree"][sel]] = 1
+                maps.append(np.cumsum(below, axis=0).astype(map_dtype).reshape(-1))
+                cuts.append(gcuts[f])
+            dims_all.append(dims)
+            leaf_counts.append(counts)
+            values.append(node["value"][leaf])
+            columns.append(cols)
+            input_start.append(input_start[-1] + k)
+        value = np.ascontiguousarray(np.concatenate(values))
+        out.columns = torch.cat(columns)
+        out.input_start = torch.tensor(input_start, dtype=torch.int64)
+        out.cuts = torch.from_numpy(np.concatenate(cuts).astype(np.float32) if cuts else np.zeros(0, np.float32))
+        out.cut_start = torch.from_numpy(np.r_[0, np.cumsum([c.size for c in cuts], dtype=np.int64)].astype(np.int64))
+        out.bin_map = torch.from_numpy(np.concatenate(maps) if maps else np.zeros(0, map_dtype))
+        out.mask_start = torch.from_numpy(np.r_[0, np.cumsum(np.concatenate(dims_all))].astype(np.int64))
+        out.masks = torch.from_numpy(np.ascontiguousarray(np.concatenate(masks)))
+        out.leaf_start = torch.from_numpy(np.r_[0, np.cumsum(np.concatenate(leaf_counts))].astype(np.int64))
+        out.value = torch.from_numpy(value)
+        out.value_columns = [torch.from_numpy(np.ascontiguousarray(value[:, c:c + 1])) for c in range(value.shape[1])]
+        out.words = words
+        return out
 
-    def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int]) -> torch.Tensor:
-        xt = _gather_inputs(x, self.cols, rows)              # [k, n]
-        n, t = xt.shape[1], self.n_trees
-        bins = torch.searchsorted(self.cuts, xt)            # [k, n]: group bins
-        cell = self.bin_map.index_select(0, (self.base + bins[:, None, :]).view(-1)).view(-1, t, n).sum(0)  # [T, n]
-        return _tree_sum(self.table, cell.reshape(-1), t, n, column)
-
-
-class _TreeMasks:
-    """Per-tree leaf bit masks (the bit-vector idea of QuickScorer, Lucchese et al., SIGIR 2015,
-    on boxes): a tree's leaves are boxes of its own bins that partition its grid, so the leaf an
-    input reaches is the one leaf whose box contains the input's bin on every input. Per tree,
-    input and bin the set of leaves whose box spans that bin is a bit mask (63 leaves per int64
-    word); the AND of the masks over the inputs has exactly one bit set: the leaf.
-
-    Predicting: one ``searchsorted`` of the inputs among the group's cuts, then the compiled op
-    ``robustops::forest_leaf_masks`` (``csrc/ops/forest_leaf_masks.cpp``): per sample and tree
-    the group bin -> tree bin map, the AND of the masks over the inputs, the leaf from its bit,
-    and the trees' leaf values summed in tree order (as the walk does), so the result is bit for
-    bit the walk's and scikit-learn's. Memory: the bin map ``[k, cuts+1, T]`` (uint8 when every tree cuts an input fewer than 255
-    times, else int16) and the masks ``[k, T, bins, words]`` int64 (:meth:`nbytes`)."""
-
-    @staticmethod
-    def _map_dtype(cut: dict):
-        return np.uint8 if int(cut["dims"].max(initial=1)) <= 255 else np.int16
-
-    @staticmethod
-    def nbytes(node, cut: dict, gcuts: List[np.ndarray]) -> float:
-        t, k = cut["dims"].shape
-        if k == 0 or int(cut["dims"].max()) > 32767:
-            return float("inf")
-        width = max(c.size for c in gcuts) + 1
-        leaves = np.bincount(node["tree"][~node["internal"]], minlength=t)
-        words = max(1, -(-int(leaves.max()) // 63))
-        if words > MAX_MASK_WORDS:
-            return float("inf")
-        return (float(k) * width * t * np.dtype(_TreeMasks._map_dtype(cut)).itemsize
-                + float(cut["dims"].sum()) * words * 8)
-
-    def __init__(self, node, cols: torch.Tensor, cut: dict, gcuts: List[np.ndarray]):
-        t, k = node["roots"].size, cut["dims"].shape[1]
-        dims = cut["dims"]
-        leaf, ltree, lo, hi = _leaf_boxes(node, cut["rank"], dims)
-        ok = np.all(hi > lo, axis=1)                         # empty boxes: leaves no input reaches
-        leaf, ltree, lo, hi = leaf[ok], ltree[ok], lo[ok], hi[ok]
-        start = np.searchsorted(ltree, np.arange(t + 1))
-        pos = np.arange(leaf.size) - start[ltree]
-        words = max(1, -(-int(np.diff(start).max()) // 63))     # <= MAX_MASK_WORDS (nbytes)
-        maxb = int(dims.max())
-        word, bit = pos // 63, np.left_shift(np.int64(1), (pos % 63).astype(np.int64))
-        masks = np.zeros((k, t, maxb + 1, words), np.int64)
-        for f in range(k):                                   # +bit where the box starts, -bit past its end
-            np.add.at(masks[f], (ltree, lo[:, f], word), bit)
-            np.subtract.at(masks[f], (ltree, hi[:, f], word), bit)
-        masks = np.cumsum(masks, axis=2)[:, :, :maxb]        # distinct bits: the sums are ORs
-        width = max(c.size for c in gcuts) + 1
-        grank = np.zeros(cut["d_thr"].size, np.int64)
-        for f, c in enumerate(gcuts):
-            sel = cut["d_feat"] == f
-            grank[sel] = np.searchsorted(c, cut["d_thr"][sel])
-        dt = self._map_dtype(cut)
-        bin_map = np.empty((k, width, t), dt)
-        for f in range(k):                                   # tree bin = #{tree's cuts of group rank < b}
-            cnt = np.zeros((width, t), np.int32)
-            sel = cut["d_feat"] == f
-            cnt[grank[sel] + 1, cut["d_tree"][sel]] = 1
-            bin_map[f] = np.cumsum(cnt, axis=0)
-        self.bin_map = torch.from_numpy(np.ascontiguousarray(bin_map))                    # [k, width, T]
-        # tree by tree, input by input, only the bins the tree has: [sum(dims), words]
-        used = np.arange(maxb)[None, None, :] < dims[:, :, None]                          # [T, k, maxb]
-        self.masks = torch.from_numpy(np.ascontiguousarray(masks.transpose(1, 0, 2, 3)[used]))
-        self.mask_start = torch.from_numpy(np.r_[0, np.cumsum(dims.reshape(-1))].astype(np.int64))   # [T * k + 1]
-        self.leaf_start = torch.from_numpy(start.astype(np.int64))                        # [T + 1]
-        value = np.ascontiguousarray(node["value"][leaf])                                  # [leaves, C]
-        self.value = torch.from_numpy(value)
-        self.value_columns = [torch.from_numpy(np.ascontiguousarray(value[:, c:c + 1])) for c in range(value.shape[1])]
-        self.cuts = torch.from_numpy(_padded_cuts(gcuts, width - 1))
-        self.cols = cols
-        self.words = words
-        self.n_trees = t
-
-    def to(self, device) -> "_TreeMasks":
+    def to(self, device) -> "_LeafMasks":
         out = _to(self, device)
         out.value_columns = [v.to(device) for v in self.value_columns]
         return out
 
-    def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int]) -> torch.Tensor:
-        bins = torch.searchsorted(self.cuts, _gather_inputs(x, self.cols, rows))     # [k, n]: group bins
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in (self.columns, self.input_start, self.cuts, self.cut_start,
+                                                         self.bin_map, self.mask_start, self.masks, self.leaf_start,
+                                                         self.value))
+
+    def __call__(self, x: torch.Tensor, groups: torch.Tensor, column: Optional[int]) -> torch.Tensor:
         value = self.value if column is None else self.value_columns[column]
-        out = forest_leaf_masks(bins, self.bin_map, self.masks, self.mask_start, self.leaf_start, value)
+        out = forest_leaf_masks(x, groups, self.columns, self.input_start, self.cuts, self.cut_start, self.bin_map,
+                                self.mask_start, self.masks, self.leaf_start, value)
         return out if column is None else out[:, 0]
 
 
@@ -683,71 +552,61 @@ class _Walk:
 
 
 class SpecializedForest:
-    """A :class:`TensorForest` compiled by :meth:`TensorForest.specialize`: per group a table,
-    per-tree tables, or a walk (all walking groups share one walk)."""
+    """A :class:`TensorForest` compiled by :meth:`TensorForest.specialize`: every group's trees
+    as leaf masks (one op call for all samples), or one walk of all groups."""
 
-    def __init__(self, compiled: list, n_trees: int, n_classes: int, n_columns: int, grouped: bool):
+    def __init__(self, masks: Optional[_LeafMasks], walk: Optional[_Walk], n_groups: int, n_trees: int,
+                 n_classes: int, n_columns: int, grouped: bool):
+        self.masks = masks
+        self.walk = walk
+        self.n_groups = n_groups
         self.n_trees = n_trees
         self.n_classes = n_classes
         self.n_columns = n_columns
         self.grouped = grouped
         self.device = torch.device("cpu")
-        self.groups: list = []                               # per group: a table object, or None (walks)
-        self.walk_of = torch.full((len(compiled),), -1, dtype=torch.int64)
-        walks = [(j, c) for j, c in enumerate(compiled) if isinstance(c, tuple)]
-        for j, c in enumerate(compiled):
-            self.groups.append(None if isinstance(c, tuple) else c)
-        for i, (j, _) in enumerate(walks):
-            self.walk_of[j] = i
-        self.walk = _Walk([c[0] for _, c in walks], [c[1] for _, c in walks]) if walks else None
+
+    @property
+    def form(self) -> str:
+        """How the forest is evaluated: ``"leaf_masks"`` or ``"walk"``."""
+        return "leaf_masks" if self.masks is not None else "walk"
 
     def to(self, device) -> "SpecializedForest":
         out = object.__new__(SpecializedForest)
         out.__dict__.update(self.__dict__)
-        out.groups = [None if g is None else g.to(device) for g in self.groups]
+        out.masks = None if self.masks is None else self.masks.to(device)
         out.walk = None if self.walk is None else self.walk.to(device)
-        out.walk_of = self.walk_of.to(device)
         out.device = torch.device(device)
         return out
-
-    def kinds(self) -> List[str]:
-        """How each group is evaluated: ``"table"``, ``"tree_tables"``, ``"tree_masks"`` or ``"walk"``."""
-        kind = {_Table: "table", _TreeTables: "tree_tables", _TreeMasks: "tree_masks"}
-        return ["walk" if g is None else kind[type(g)] for g in self.groups]
 
     def predict_proba(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None,
                       column: Optional[int] = None) -> torch.Tensor:
         """Class probabilities ``[N, n_classes]`` float64 of ``x [N, >= n_columns]`` (read as
         float32), or ``[N]`` for one class ``column``. Grouped forests need ``groups`` (int64
-        ``[N]`` in ``[0, G)``); ungrouped ones ignore it."""
+        ``[N]`` in ``[0, G)``); ungrouped ones ignore it. ``ValueError`` for bad shapes, groups
+        out of range or a non-finite value in a column the forest reads."""
         x = x.to(device=self.device, dtype=torch.float32)
         if x.dim() != 2 or x.shape[1] < self.n_columns:
             raise ValueError(f"x must be [N, >= {self.n_columns}], got shape {tuple(x.shape)}")
         if column is not None and not 0 <= int(column) < self.n_classes:
             raise ValueError(f"column must lie in [0, {self.n_classes}), got {column}")
-        if not self.grouped:
-            g = self.groups[0]
-            return self.walk(x, None, column) if g is None else g(x, None, column)
-        if groups is None or groups.shape != (x.shape[0],):
-            raise ValueError(f"groups must be [N] = [{x.shape[0]}] for a grouped forest")
-        groups = groups.to(self.device)
-        n_groups = len(self.groups)
-        counts = torch.bincount(groups, minlength=n_groups)
-        if counts.numel() > n_groups:
-            raise ValueError(f"groups must lie in [0, {n_groups})")
-        shape = (x.shape[0],) if column is not None else (x.shape[0], self.n_classes)
-        out = torch.empty(shape, dtype=torch.float64, device=self.device)
-        order = torch.argsort(groups, stable=True)
-        start, walking = 0, []
-        for j, c in enumerate(counts.tolist()):
-            if c:
-                rows = order[start:start + c]
-                start += c
-                if self.groups[j] is None:
-                    walking.append(rows)
-                else:
-                    out.index_copy_(0, rows, self.groups[j](x, rows, column))
-        if walking:
-            rows = torch.cat(walking)
-            out.index_copy_(0, rows, self.walk(x, rows, column, self.walk_of.index_select(0, groups[rows])))
-        return out
+        if self.grouped:
+            if groups is None or groups.shape != (x.shape[0],):
+                raise ValueError(f"groups must be [N] = [{x.shape[0]}] for a grouped forest")
+            groups = groups.to(device=self.device, dtype=torch.int64)
+            if groups.numel():
+                lo, hi = (int(v) for v in torch.aminmax(groups))
+                if lo < 0 or hi >= self.n_groups:
+                    raise ValueError(f"groups must lie in [0, {self.n_groups}), got [{lo}, {hi}]")
+        if self.masks is not None:
+            if not self.grouped:
+                groups = torch.zeros(x.shape[0], dtype=torch.int64, device=self.device)
+            try:
+                return self.masks(x, groups, column)
+            except RuntimeError as e:                        # the op's check, as the walk reports it
+                if "not finite" in str(e) or "non-finite" in str(e):
+                    raise ValueError(f"x holds a non-finite value in a column the forest reads ({e})") from None
+                raise
+        if not bool(torch.isfinite(x.index_select(1, self.walk.cols)).all()):
+            raise ValueError("x holds a non-finite value in a column the forest reads")
+        return self.walk(x, None, column, groups if self.grouped else None)

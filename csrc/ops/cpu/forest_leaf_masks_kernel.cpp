@@ -1,18 +1,23 @@
-// CPU kernel of forest_leaf_masks. One task per block of samples (at least kMinBlock, about one
-// block per thread); a task walks the trees in chunks of kTreeChunk, in order, and for each of
-// its samples (kLanes at a time) and each tree of the chunk forms the AND of the tree's masks
-// over the inputs in registers, decodes the leaf and adds its value to the sample's sum. The
-// trees are thus added in order from zero (scikit-learn's order: the result is its
-// predict_proba bit for bit). One tree's masks are contiguous and a chunk's (tens of KB) stay in
-// cache for all the task's samples; the next chunk's tables are prefetched while this one is
-// computed, since predict runs right after a model forward has flushed the caches. Each sample
-// reads one kTreeChunk-entry segment of its bin map row per input and chunk.
+// CPU kernel of forest_leaf_masks. The samples are sorted by group (counting sort) and cut into
+// tasks of up to kBlock samples of one group; threads take tasks from a shared counter, largest
+// first. A task finds each sample's group bin on each input (a binary search among the group's
+// cuts), which names a row of bin_map: that bin in every tree's own grid, T entries in tree
+// order. It then walks the group's trees in chunks of kTreeChunk, in order: for kLanes samples
+// at a time and each tree of the chunk it ANDs, per input, the mask of the sample's tree bin in
+// registers (kLanes independent chains), decodes the leaf and adds its value to the sample's
+// sum. The trees are thus added in order from zero (scikit-learn's order: the result is its
+// predict_proba bit for bit). While a chunk is computed the next chunk's part of every bin_map
+// row in use, and its masks and leaf values (contiguous: the tables are stored tree by tree),
+// are prefetched, since predict runs right after a model forward has flushed the caches.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/llvmMathExtras.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <type_traits>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -22,8 +27,9 @@ namespace robustops {
 namespace {
 
 constexpr int64_t kTreeChunk = 64;
-constexpr int64_t kMinBlock = 8;
-constexpr int64_t kLine = 64;  // bytes per cache line
+constexpr int64_t kLanes = 8;
+constexpr int64_t kBlock = 32;  // samples per task (a multiple of kLanes)
+constexpr int64_t kLine = 64;   // bytes per cache line
 
 #if defined(__GNUC__) || defined(__clang__)
 inline void prefetch(const void* p) { __builtin_prefetch(p); }
@@ -31,143 +37,198 @@ inline void prefetch(const void* p) { __builtin_prefetch(p); }
 inline void prefetch(const void*) {}
 #endif
 
-// Prefetch share i of n of the bytes [begin, end): spread over a chunk's samples, the next
-// chunk's masks and leaf values arrive while this chunk is computed (right after a model
-// forward nothing of the tables is in cache, and their rows are too scattered for the
-// hardware prefetcher).
-inline void prefetch_share(const char* begin, const char* end, int64_t i, int64_t n) {
-  const int64_t lines = (end - begin + kLine - 1) / kLine;
-  for (int64_t l = i * lines / n; l < (i + 1) * lines / n; ++l) prefetch(begin + l * kLine);
-}
-
-// The row of value holding the leaf that the AND `a` (words int64) selects in tree t, or a
-// named error when it does not select exactly one of the tree's leaves.
-inline int64_t leaf_row(const uint64_t* a, int64_t words, const int64_t* leaf_start, int64_t t, int64_t sample) {
-  int64_t leaf = -1, hits = 0;
-  for (int64_t w = 0; w < words; ++w) {
-    const uint64_t v = a[w];
-    if (v) {  // one bit, never bit 63: counted as one hit, anything else as two
-      hits += ((v & (v - 1)) || (v >> 63)) ? 2 : 1;
-      leaf = kLeafBitsPerWord * w + static_cast<int64_t>(c10::llvm::countTrailingZeros(v));
-    }
-  }
-  const int64_t first = leaf_start[t];
-  TORCH_CHECK(hits == 1 && leaf < leaf_start[t + 1] - first,
-              "forest_leaf_masks: the masks do not select exactly one leaf of tree ", t, " for sample ", sample,
-              " (corrupt tables)");
-  return first + leaf;
-}
-
-// kWords > 0: the word count known at compile time (1 or 2, the common cases), and kLanes
-// samples go through each tree together (independent AND chains that share the tree's offsets
-// and overlap their memory reads); kWords = 0: runtime `words`, one sample at a time.
-template <typename map_t, int kWords, int kLanes>
-void leaf_masks_cpu(const int64_t* bins, const map_t* bin_map, const int64_t* masks, const int64_t* mask_start,
-                    const int64_t* leaf_start, const double* value, double* out, int64_t k, int64_t n, int64_t w_bins,
-                    int64_t t_trees, int64_t words_rt, int64_t c_cols) {
-  static_assert(kWords > 0 || kLanes == 1, "runtime word counts go one sample at a time");
-  constexpr int kAccWords = kWords > 0 ? kWords : 1;
-  const int64_t words = kWords > 0 ? kWords : words_rt;
-  for (int64_t i = 0; i < k * n; ++i) {
-    TORCH_CHECK(bins[i] >= 0 && bins[i] < w_bins, "forest_leaf_masks: bins[", i / n, ", ", i % n, "] = ", bins[i],
-                " lies outside [0, W) = [0, ", w_bins, ")");
-  }
-  std::fill(out, out + n * c_cols, 0.0);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t grain = std::max<int64_t>(kMinBlock, (n + threads - 1) / threads);
-  at::parallel_for(0, n, grain, [&](int64_t s0, int64_t s1) {
-    std::vector<const map_t*> map_rows(k * kLanes);  // per input and lane: the sample's bin map row at the chunk
-    std::vector<uint64_t> acc_dynamic(kWords > 0 ? 0 : words);
-    uint64_t acc[kLanes][kAccWords];
-    for (int64_t t0 = 0; t0 < t_trees; t0 += kTreeChunk) {
-      const int64_t tn = std::min(kTreeChunk, t_trees - t0);
-      const int64_t t2 = std::min(t0 + tn + kTreeChunk, t_trees);  // the next chunk: trees t0 + tn .. t2 - 1
-      const char* next_masks = reinterpret_cast<const char*>(masks + mask_start[(t0 + tn) * k] * words);
-      const char* next_masks_end = reinterpret_cast<const char*>(masks + mask_start[t2 * k] * words);
-      const char* next_values = reinterpret_cast<const char*>(value + leaf_start[t0 + tn] * c_cols);
-      const char* next_values_end = reinterpret_cast<const char*>(value + leaf_start[t2] * c_cols);
-      bool bad = false;
-      for (int64_t s = s0; s < s1; s += kLanes) {
-        const int64_t ns = std::min<int64_t>(kLanes, s1 - s);  // lanes past the block repeat its last sample
-        for (int64_t f = 0; f < k; ++f) {
-          for (int j = 0; j < kLanes; ++j) {
-            const int64_t sj = s + std::min<int64_t>(j, ns - 1);
-            map_rows[f * kLanes + j] = bin_map + (f * w_bins + bins[f * n + sj]) * t_trees + t0;
-            if (j < ns && t0 + tn < t_trees) prefetch(map_rows[f * kLanes + j] + tn);
-          }
-        }
-        for (int64_t j = 0; j < ns; ++j) {
-          prefetch_share(next_masks, next_masks_end, s - s0 + j, s1 - s0);
-          prefetch_share(next_values, next_values_end, s - s0 + j, s1 - s0);
-        }
-        for (int64_t t = 0; t < tn; ++t) {
-          const int64_t* ms = mask_start + (t0 + t) * k;
-          uint64_t* a0 = kWords > 0 ? acc[0] : acc_dynamic.data();
-          for (int j = 0; j < kLanes; ++j) {
-            uint64_t* a = kWords > 0 ? acc[j] : a0;
-            for (int64_t w = 0; w < words; ++w) a[w] = ~uint64_t(0);
-          }
-          for (int64_t f = 0; f < k; ++f) {
-            const int64_t lo = ms[f];
-            const uint64_t count = static_cast<uint64_t>(ms[f + 1] - lo);
-            for (int j = 0; j < kLanes; ++j) {
-              // branch-free bounds check: a tree bin past the tree's bins is noted and read as bin 0
-              const uint64_t tb = static_cast<uint64_t>(static_cast<int64_t>(map_rows[f * kLanes + j][t]));
-              const bool ok = tb < count;
-              bad |= !ok;
-              const int64_t* m = masks + (lo + (ok ? static_cast<int64_t>(tb) : 0)) * words;
-              uint64_t* a = kWords > 0 ? acc[j] : a0;
-              for (int64_t w = 0; w < words; ++w) a[w] &= static_cast<uint64_t>(m[w]);
-            }
-          }
-          for (int64_t j = 0; j < ns; ++j) {
-            const int64_t row = leaf_row(kWords > 0 ? acc[j] : a0, words, leaf_start, t0 + t, s + j);
-            const double* v = value + row * c_cols;
-            double* sum = out + (s + j) * c_cols;
-            for (int64_t c = 0; c < c_cols; ++c) sum[c] += v[c];
-          }
-        }
-      }
-      TORCH_CHECK(!bad, "forest_leaf_masks: bin_map holds a tree bin past the tree's bins (trees ", t0, " .. ",
-                  t0 + tn - 1, ")");
-    }
-    for (int64_t i = s0 * c_cols; i < s1 * c_cols; ++i) out[i] /= static_cast<double>(t_trees);
-  });
+// Prefetch share i of n of the bytes [begin, end).
+inline void prefetch_share(const void* begin, const void* end, int64_t i, int64_t n) {
+  const char* b = static_cast<const char*>(begin);
+  const int64_t lines = (static_cast<const char*>(end) - b + kLine - 1) / kLine;
+  for (int64_t l = i * lines / n; l < (i + 1) * lines / n; ++l) prefetch(b + l * kLine);
 }
 
 template <typename map_t>
-void dispatch_words(const at::Tensor& bins, const at::Tensor& bin_map, const at::Tensor& masks,
-                    const at::Tensor& mask_start, const at::Tensor& leaf_start, const at::Tensor& value, at::Tensor& out) {
-  const int64_t k = bins.size(0), n = bins.size(1), w = bin_map.size(1), t = bin_map.size(2);
-  const int64_t words = masks.size(1), c = value.size(1);
-  auto run = [&](auto fn) {
-    fn(bins.const_data_ptr<int64_t>(), bin_map.const_data_ptr<map_t>(), masks.const_data_ptr<int64_t>(),
-       mask_start.const_data_ptr<int64_t>(), leaf_start.const_data_ptr<int64_t>(), value.const_data_ptr<double>(),
-       out.mutable_data_ptr<double>(), k, n, w, t, words, c);
-  };
-  if (words == 1) {
-    run(leaf_masks_cpu<map_t, 1, 8>);
-  } else if (words == 2) {
-    run(leaf_masks_cpu<map_t, 2, 8>);
-  } else {
-    run(leaf_masks_cpu<map_t, 0, 1>);
+struct Tables {
+  const float* x;
+  const int64_t* columns;
+  const int64_t* input_start;
+  const float* cuts;
+  const int64_t* cut_start;
+  const map_t* bin_map;
+  const int64_t* mask_start;
+  const int64_t* masks;
+  const int64_t* leaf_start;
+  const double* value;
+  int64_t x_cols, trees, words, c_cols;
+};
+
+struct Task {
+  int64_t group, first, count;  // samples order[first .. first + count - 1]
+};
+
+// One task: the samples `rows` (count of them, all of group g); writes their rows of out. A
+// tree bin past its segment's rows sets *bad (and reads bin 0). kWords > 0: the word count known
+// at compile time (1 or 2, the common cases); 0: runtime.
+template <typename map_t, int kWords>
+void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t count, double* out, bool* bad) {
+  const int64_t p0 = tb.input_start[g], k = tb.input_start[g + 1] - p0;
+  const int64_t words = kWords > 0 ? kWords : tb.words;
+  const int64_t c_cols = tb.c_cols, trees = tb.trees;
+  const int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
+  // per input and sample (lanes past the task repeat its last sample): its bin_map row
+  std::vector<const map_t*> map_row(std::max<int64_t>(k, 1) * padded);
+  for (int64_t f = 0; f < k; ++f) {
+    const int64_t p = p0 + f, c0 = tb.cut_start[p], w = tb.cut_start[p + 1] - c0;
+    for (int64_t i = 0; i < padded; ++i) {
+      const int64_t r = rows[std::min(i, count - 1)];
+      const float v = tb.x[r * tb.x_cols + tb.columns[p]];
+      TORCH_CHECK(std::isfinite(v), "forest_leaf_masks: x[", r, ", ", tb.columns[p], "] = ", v,
+                  " is not finite (a forest input must be)");
+      map_row[f * padded + i] = tb.bin_map + trees * (c0 + p + count_below(tb.cuts + c0, w, v));
+    }
+  }
+  std::vector<double> sum(padded * c_cols, 0.0);
+  std::vector<uint64_t> acc_rt(kWords > 0 ? 0 : kLanes * words);
+  uint64_t acc_ct[kLanes * (kWords > 0 ? kWords : 1)];
+  uint64_t* acc = kWords > 0 ? acc_ct : acc_rt.data();
+  const int64_t seg0 = trees * p0;  // segment of (tree 0, first input)
+  const int64_t* leaf_first = tb.leaf_start + g * trees;
+  const int64_t lane_groups = padded / kLanes;
+  bool out_of_range = false;
+  for (int64_t t0 = 0; t0 < trees; t0 += kTreeChunk) {
+    const int64_t t1 = std::min(t0 + kTreeChunk, trees), t2 = std::min(t1 + kTreeChunk, trees);
+    const int64_t s1 = seg0 + t1 * k, s2 = seg0 + t2 * k;  // the next chunk's segments
+    for (int64_t lg = 0; lg < lane_groups; ++lg) {
+      const int64_t lane0 = lg * kLanes;
+      if (t1 < trees) {
+        for (int64_t f = 0; f < k; ++f) {
+          for (int64_t j = 0; j < kLanes; ++j) {
+            const map_t* r = map_row[f * padded + lane0 + j] + t1;
+            prefetch(r);
+            prefetch(r + (t2 - t1) - 1);
+          }
+        }
+        prefetch_share(tb.masks + tb.mask_start[s1] * words, tb.masks + tb.mask_start[s2] * words, lg, lane_groups);
+        prefetch_share(tb.value + leaf_first[t1] * c_cols, tb.value + leaf_first[t2] * c_cols, lg, lane_groups);
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t leaves = leaf_first[t + 1] - leaf_first[t];
+        for (int64_t j = 0; j < kLanes; ++j) {
+          for (int64_t w = 0; w < words; ++w) acc[j * words + w] = leaf_bits(leaves, w);
+        }
+        const int64_t* ms = tb.mask_start + seg0 + t * k;
+        for (int64_t f = 0; f < k; ++f) {
+          const int64_t lo = ms[f];
+          const uint64_t bins = static_cast<uint64_t>(ms[f + 1] - lo);
+          const map_t* const* mr = map_row.data() + f * padded + lane0;
+          for (int64_t j = 0; j < kLanes; ++j) {
+            // branch-free bounds check: a tree bin past the tree's bins is noted and read as bin 0
+            const uint64_t u = static_cast<uint64_t>(static_cast<int64_t>(mr[j][t]));
+            const bool ok = u < bins;
+            out_of_range |= !ok;
+            const int64_t* m = tb.masks + (lo + (ok ? static_cast<int64_t>(u) : 0)) * words;
+            for (int64_t w = 0; w < words; ++w) acc[j * words + w] &= static_cast<uint64_t>(m[w]);
+          }
+        }
+        const int64_t lanes = std::min(kLanes, count - lane0);
+        for (int64_t j = 0; j < lanes; ++j) {
+          int64_t leaf = -1, hits = 0;
+          for (int64_t w = 0; w < words; ++w) {
+            const uint64_t v = acc[j * words + w];
+            if (v) {  // one bit: counted as one hit, anything else as two
+              hits += (v & (v - 1)) ? 2 : 1;
+              leaf = kLeafBitsPerWord * w + static_cast<int64_t>(c10::llvm::countTrailingZeros(v));
+            }
+          }
+          TORCH_CHECK(hits == 1 && leaf < leaves, "forest_leaf_masks: the masks do not select exactly one leaf of tree ",
+                      t, " of group ", g, " for sample ", rows[lane0 + j], " (corrupt tables)");
+          const double* v = tb.value + (leaf_first[t] + leaf) * c_cols;
+          double* s = sum.data() + (lane0 + j) * c_cols;
+          for (int64_t c = 0; c < c_cols; ++c) s[c] += v[c];
+        }
+      }
+    }
+  }
+  *bad = out_of_range;
+  for (int64_t i = 0; i < count; ++i) {
+    for (int64_t c = 0; c < c_cols; ++c) out[rows[i] * c_cols + c] = sum[i * c_cols + c] / static_cast<double>(trees);
   }
 }
 
-at::Tensor forest_leaf_masks_cpu(const at::Tensor& bins, const at::Tensor& bin_map, const at::Tensor& masks,
-                                 const at::Tensor& mask_start, const at::Tensor& leaf_start, const at::Tensor& value) {
-  TORCH_CHECK(bins.device().is_cpu(), "forest_leaf_masks (CPU kernel): bins must be a CPU tensor, got ",
-              bins.device());
-  check_forest_leaf_masks_args(bins, bin_map, masks, mask_start, leaf_start, value);
-  const at::Tensor bc = bins.contiguous(), mc = bin_map.contiguous(), kc = masks.contiguous();
-  const at::Tensor sc = mask_start.contiguous(), lc = leaf_start.contiguous(), vc = value.contiguous();
-  check_offsets(sc, kc.size(0), lc, vc.size(0), kc.size(1));
-  at::Tensor out = at::empty({bins.size(1), value.size(1)}, value.options());
-  if (out.numel() == 0) return out;
-  if (mc.scalar_type() == at::kByte) {
-    dispatch_words<uint8_t>(bc, mc, kc, sc, lc, vc, out);
+template <typename map_t>
+void run_all(const Tables<map_t>& tb, const std::vector<Task>& tasks, const int64_t* order, double* out) {
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next_task{0};
+  std::atomic<bool> any_bad{false};
+  const int64_t workers = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), n_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t i = next_task++; i < n_tasks; i = next_task++) {
+        const Task& task = tasks[i];
+        bool bad = false;
+        if (tb.words == 1) {
+          run_task<map_t, 1>(tb, task.group, order + task.first, task.count, out, &bad);
+        } else if (tb.words == 2) {
+          run_task<map_t, 2>(tb, task.group, order + task.first, task.count, out, &bad);
+        } else {
+          run_task<map_t, 0>(tb, task.group, order + task.first, task.count, out, &bad);
+        }
+        if (bad) any_bad = true;
+      }
+    }
+  });
+  if (any_bad) raise_forest_leaf_masks_error(kBadTreeBin);
+}
+
+at::Tensor forest_leaf_masks_cpu(const at::Tensor& x, const at::Tensor& groups, const at::Tensor& columns,
+                                 const at::Tensor& input_start, const at::Tensor& cuts, const at::Tensor& cut_start,
+                                 const at::Tensor& bin_map, const at::Tensor& mask_start, const at::Tensor& masks,
+                                 const at::Tensor& leaf_start, const at::Tensor& value) {
+  TORCH_CHECK(x.device().is_cpu(), "forest_leaf_masks (CPU kernel): x must be a CPU tensor, got ", x.device());
+  check_forest_leaf_masks_args(x, groups, columns, input_start, cuts, cut_start, bin_map, mask_start, masks,
+                               leaf_start, value);
+  const at::Tensor xc = x.contiguous(), gc = groups.contiguous(), colc = columns.contiguous();
+  const at::Tensor isc = input_start.contiguous(), cutc = cuts.contiguous(), csc = cut_start.contiguous();
+  const at::Tensor bmc = bin_map.contiguous(), msc = mask_start.contiguous(), mc = masks.contiguous();
+  const at::Tensor lc = leaf_start.contiguous(), vc = value.contiguous();
+  const ForestLayout layout = check_offsets(colc, isc, csc, msc, lc, xc.size(1), cutc.size(0), bmc.size(0),
+                                            mc.size(0), vc.size(0), mc.size(1));
+  const int64_t n = xc.size(0), c_cols = vc.size(1), n_groups = layout.groups;
+  at::Tensor out = at::empty({n, c_cols}, vc.options());
+  if (n == 0) return out;
+  // counting sort of the samples by group
+  const int64_t* g = gc.const_data_ptr<int64_t>();
+  std::vector<int64_t> start(n_groups + 1, 0), order(n);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(g[i] >= 0 && g[i] < n_groups, "forest_leaf_masks: groups[", i, "] = ", g[i], " lies outside [0, ",
+                n_groups, ")");
+    ++start[g[i] + 1];
+  }
+  for (int64_t j = 0; j < n_groups; ++j) start[j + 1] += start[j];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < n; ++i) order[next[g[i]]++] = i;
+  }
+  const int64_t* is = isc.const_data_ptr<int64_t>();
+  std::vector<Task> tasks;
+  for (int64_t j = 0; j < n_groups; ++j) {
+    for (int64_t f = start[j]; f < start[j + 1]; f += kBlock) {
+      tasks.push_back({j, f, std::min(kBlock, start[j + 1] - f)});
+    }
+  }
+  // largest first (work ~ samples x (inputs + 1)), taken from a shared counter: balanced threads
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+    return a.count * (is[a.group + 1] - is[a.group] + 1) > b.count * (is[b.group + 1] - is[b.group] + 1);
+  });
+  double* o = out.mutable_data_ptr<double>();
+  auto tables = [&](auto* map) {
+    using map_t = std::remove_const_t<std::remove_pointer_t<decltype(map)>>;
+    return Tables<map_t>{xc.const_data_ptr<float>(), colc.const_data_ptr<int64_t>(), is, cutc.const_data_ptr<float>(),
+                         csc.const_data_ptr<int64_t>(), map, msc.const_data_ptr<int64_t>(),
+                         mc.const_data_ptr<int64_t>(), lc.const_data_ptr<int64_t>(), vc.const_data_ptr<double>(),
+                         xc.size(1), layout.trees, mc.size(1), c_cols};
+  };
+  if (bmc.scalar_type() == at::kByte) {
+    run_all(tables(bmc.const_data_ptr<uint8_t>()), tasks, order.data(), o);
   } else {
-    dispatch_words<int16_t>(bc, mc, kc, sc, lc, vc, out);
+    run_all(tables(bmc.const_data_ptr<int16_t>()), tasks, order.data(), o);
   }
   return out;
 }

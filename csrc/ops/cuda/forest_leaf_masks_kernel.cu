@@ -1,8 +1,10 @@
-// CUDA kernel of forest_leaf_masks, on the current stream, in two launches: one thread per
-// (sample, tree) ANDs that tree's masks over the inputs and writes the value row of its leaf;
-// then one thread per (sample, column) adds the rows in tree order from zero (scikit-learn's
-// order, so the result is the CPU kernel's bit for bit). Corrupt tables set an error flag (and
-// read row 0 instead), which the host turns into an error after the second launch.
+// CUDA kernel of forest_leaf_masks, on the current stream, in three launches: one thread per
+// (sample, input) finds the sample's group bin on that input (binary search among the group's
+// cuts; inputs of other groups are skipped), one thread per (sample, tree) ANDs the masks of
+// the tree bins that bin_map gives and writes the value row of the leaf, then one thread per
+// (sample, column) adds the rows in tree order from zero (scikit-learn's order, so the result is
+// the CPU kernel's bit for bit). A bad group, a non-finite input or corrupt tables set an error
+// flag (and read row 0 instead), which the host turns into an error after the last launch.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,43 +19,70 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// map_base[n, p]: offset of sample n's bin_map row for input p (T * (cut_start[p] + p + bin)).
+__global__ void group_bins_kernel(const float* __restrict__ x, const int64_t* __restrict__ groups,
+                                  const int64_t* __restrict__ columns, const int64_t* __restrict__ input_start,
+                                  const float* __restrict__ cuts, const int64_t* __restrict__ cut_start,
+                                  int64_t* __restrict__ map_base, int* __restrict__ error, int64_t n, int64_t x_cols,
+                                  int64_t n_groups, int64_t n_inputs, int64_t t_trees) {
+  const int64_t total = n * n_inputs;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t s = i / n_inputs, p = i % n_inputs;
+    const int64_t g = groups[s];
+    map_base[i] = 0;
+    if (g < 0 || g >= n_groups) {
+      atomicOr(error, kBadGroup);
+      continue;
+    }
+    if (p < input_start[g] || p >= input_start[g + 1]) continue;  // another group's input
+    const float v = x[s * x_cols + columns[p]];
+    if (!isfinite(v)) {
+      atomicOr(error, kBadInput);
+      continue;
+    }
+    const int64_t c0 = cut_start[p];
+    map_base[i] = t_trees * (c0 + p + count_below(cuts + c0, cut_start[p + 1] - c0, v));
+  }
+}
+
 template <typename map_t>
-__global__ void leaf_rows_kernel(const int64_t* __restrict__ bins, const map_t* __restrict__ bin_map,
-                                 const int64_t* __restrict__ masks, const int64_t* __restrict__ mask_start,
+__global__ void leaf_rows_kernel(const int64_t* __restrict__ groups, const int64_t* __restrict__ input_start,
+                                 const map_t* __restrict__ bin_map, const int64_t* __restrict__ map_base,
+                                 const int64_t* __restrict__ mask_start, const int64_t* __restrict__ masks,
                                  const int64_t* __restrict__ leaf_start, int64_t* __restrict__ rows,
-                                 int* __restrict__ error, int64_t k, int64_t n, int64_t w_bins, int64_t t_trees,
-                                 int64_t words) {
+                                 int* __restrict__ error, int64_t n, int64_t n_groups, int64_t n_inputs,
+                                 int64_t t_trees, int64_t words) {
   const int64_t total = n * t_trees;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t s = i / t_trees, t = i % t_trees;  // neighbouring threads: neighbouring trees
+    const int64_t g = groups[s];
+    rows[i] = 0;
+    if (g < 0 || g >= n_groups) continue;  // reported by group_bins_kernel
+    const int64_t p0 = input_start[g], k = input_start[g + 1] - p0;
+    const int64_t* ms = mask_start + t_trees * p0 + t * k;
+    const int64_t first_leaf = leaf_start[g * t_trees + t], leaves = leaf_start[g * t_trees + t + 1] - first_leaf;
     int code = 0;
     int64_t leaf = -1, bits = 0;
     for (int64_t w = 0; w < words && !code; ++w) {
-      uint64_t v = ~uint64_t(0);
+      uint64_t v = leaf_bits(leaves, w);
       for (int64_t f = 0; f < k; ++f) {
-        const int64_t b = bins[f * n + s];
-        if (b < 0 || b >= w_bins) {
-          code |= kBadBin;
-          break;
-        }
-        const int64_t tb = static_cast<int64_t>(bin_map[(f * w_bins + b) * t_trees + t]);
-        const int64_t first = mask_start[t * k + f];
-        if (tb < 0 || tb >= mask_start[t * k + f + 1] - first) {
+        const int64_t u = static_cast<int64_t>(bin_map[map_base[s * n_inputs + p0 + f] + t]);
+        if (u < 0 || u >= ms[f + 1] - ms[f]) {
           code |= kBadTreeBin;
           break;
         }
-        v &= static_cast<uint64_t>(masks[(first + tb) * words + w]);
+        v &= static_cast<uint64_t>(masks[(ms[f] + u) * words + w]);
       }
       if (!code && v) {
-        bits += __popcll(v) + static_cast<int64_t>(v >> 63);
+        bits += __popcll(v);
         leaf = kLeafBitsPerWord * w + (__ffsll(static_cast<long long>(v)) - 1);
       }
     }
-    const int64_t first = leaf_start[t];
-    if (!code && (bits != 1 || leaf >= leaf_start[t + 1] - first)) code |= kBadLeaf;
+    if (!code && (bits != 1 || leaf >= leaves)) code |= kBadLeaf;
     if (code) atomicOr(error, code);
-    rows[i] = code ? 0 : first + leaf;
+    rows[i] = code ? 0 : first_leaf + leaf;
   }
 }
 
@@ -74,30 +103,42 @@ unsigned int grid_for(int64_t work) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
 }
 
-at::Tensor forest_leaf_masks_cuda(const at::Tensor& bins, const at::Tensor& bin_map, const at::Tensor& masks,
-                                  const at::Tensor& mask_start, const at::Tensor& leaf_start, const at::Tensor& value) {
-  TORCH_CHECK(bins.is_cuda(), "forest_leaf_masks (CUDA kernel): bins must be a CUDA tensor, got ", bins.device());
-  check_forest_leaf_masks_args(bins, bin_map, masks, mask_start, leaf_start, value);
-  c10::cuda::CUDAGuard guard(bins.device());
-  const at::Tensor bc = bins.contiguous(), mc = bin_map.contiguous(), kc = masks.contiguous();
-  const at::Tensor sc = mask_start.contiguous(), lc = leaf_start.contiguous(), vc = value.contiguous();
-  check_offsets(sc.cpu(), kc.size(0), lc.cpu(), vc.size(0), kc.size(1));
-  const int64_t k = bc.size(0), n = bc.size(1), w = mc.size(1), t = mc.size(2), c = vc.size(1);
+at::Tensor forest_leaf_masks_cuda(const at::Tensor& x, const at::Tensor& groups, const at::Tensor& columns,
+                                  const at::Tensor& input_start, const at::Tensor& cuts, const at::Tensor& cut_start,
+                                  const at::Tensor& bin_map, const at::Tensor& mask_start, const at::Tensor& masks,
+                                  const at::Tensor& leaf_start, const at::Tensor& value) {
+  TORCH_CHECK(x.is_cuda(), "forest_leaf_masks (CUDA kernel): x must be a CUDA tensor, got ", x.device());
+  check_forest_leaf_masks_args(x, groups, columns, input_start, cuts, cut_start, bin_map, mask_start, masks,
+                               leaf_start, value);
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), gc = groups.contiguous(), colc = columns.contiguous();
+  const at::Tensor isc = input_start.contiguous(), cutc = cuts.contiguous(), csc = cut_start.contiguous();
+  const at::Tensor bmc = bin_map.contiguous(), msc = mask_start.contiguous(), mc = masks.contiguous();
+  const at::Tensor lc = leaf_start.contiguous(), vc = value.contiguous();
+  const ForestLayout layout = check_offsets(colc.cpu(), isc.cpu(), csc.cpu(), msc.cpu(), lc.cpu(), xc.size(1),
+                                            cutc.size(0), bmc.size(0), mc.size(0), vc.size(0), mc.size(1));
+  const int64_t n = xc.size(0), t = layout.trees, c = vc.size(1), p = layout.inputs;
   at::Tensor out = at::empty({n, c}, vc.options());
   if (out.numel() == 0) return out;
-  at::Tensor rows = at::empty({n, t}, bc.options());
-  at::Tensor error = at::zeros({1}, bc.options().dtype(at::kInt));
+  at::Tensor map_base = at::empty({n, std::max<int64_t>(p, 1)}, gc.options());
+  at::Tensor rows = at::empty({n, t}, gc.options());
+  at::Tensor error = at::zeros({1}, gc.options().dtype(at::kInt));
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (mc.scalar_type() == at::kByte) {
-    leaf_rows_kernel<uint8_t><<<grid_for(n * t), kThreads, 0, stream>>>(
-        bc.const_data_ptr<int64_t>(), mc.const_data_ptr<uint8_t>(), kc.const_data_ptr<int64_t>(),
-        sc.const_data_ptr<int64_t>(), lc.const_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>(),
-        error.mutable_data_ptr<int>(), k, n, w, t, kc.size(1));
+  group_bins_kernel<<<grid_for(n * p), kThreads, 0, stream>>>(
+      xc.const_data_ptr<float>(), gc.const_data_ptr<int64_t>(), colc.const_data_ptr<int64_t>(),
+      isc.const_data_ptr<int64_t>(), cutc.const_data_ptr<float>(), csc.const_data_ptr<int64_t>(),
+      map_base.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<int>(), n, xc.size(1), layout.groups, p, t);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto leaf_rows = [&](auto* map) {
+    leaf_rows_kernel<<<grid_for(n * t), kThreads, 0, stream>>>(
+        gc.const_data_ptr<int64_t>(), isc.const_data_ptr<int64_t>(), map, map_base.const_data_ptr<int64_t>(),
+        msc.const_data_ptr<int64_t>(), mc.const_data_ptr<int64_t>(), lc.const_data_ptr<int64_t>(),
+        rows.mutable_data_ptr<int64_t>(), error.mutable_data_ptr<int>(), n, layout.groups, p, t, mc.size(1));
+  };
+  if (bmc.scalar_type() == at::kByte) {
+    leaf_rows(bmc.const_data_ptr<uint8_t>());
   } else {
-    leaf_rows_kernel<int16_t><<<grid_for(n * t), kThreads, 0, stream>>>(
-        bc.const_data_ptr<int64_t>(), mc.const_data_ptr<int16_t>(), kc.const_data_ptr<int64_t>(),
-        sc.const_data_ptr<int64_t>(), lc.const_data_ptr<int64_t>(), rows.mutable_data_ptr<int64_t>(),
-        error.mutable_data_ptr<int>(), k, n, w, t, kc.size(1));
+    leaf_rows(bmc.const_data_ptr<int16_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tree_sum_kernel<<<grid_for(n * c), kThreads, 0, stream>>>(rows.const_data_ptr<int64_t>(), vc.const_data_ptr<double>(),
