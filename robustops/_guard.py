@@ -33,11 +33,16 @@ class _Record:
         self.grads = [p.grad for p in self.params]
 
     def restore(self) -> None:
+        # write back only what differs: the common case (an eval-mode model, no grads) writes
+        # nothing but the requires_grad flags the guard cleared
         for m, training in self.modes.items():
-            m.training = training
+            if m.training != training:
+                m.training = training
         for p, r, g in zip(self.params, self.requires, self.grads):
-            p.requires_grad_(r)
-            p.grad = g
+            if p.requires_grad != r:
+                p.requires_grad_(r)
+            if p.grad is not g:
+                p.grad = g
 
 
 @contextlib.contextmanager
@@ -60,10 +65,11 @@ def frozen_model(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module
             rec = _Record(model, eval_mode)
             _ACTIVE[model] = rec
         rec.count += 1
-        if eval_mode:
-            model.eval()
+        if eval_mode and any(m.training for m in rec.modes):
+            model.eval()                                     # its train(False) overrides run, as users expect
         for p in rec.params:
-            p.requires_grad_(False)
+            if p.requires_grad:
+                p.requires_grad_(False)
     try:
         yield model
     finally:

@@ -61,9 +61,8 @@ def select_layers(model: nn.Module, layers: Optional[Sequence[Union[str, nn.Modu
         TypeError: a list entry is neither a name nor a submodule.
     """
     check_model(model)
-    named = list(model.named_modules())
     if layers is None:
-        found = [(n, m) for n, m in named if n and _is_unit_layer(m)]
+        found = [(n, m) for n, m in model.named_modules() if n and _is_unit_layer(m)]
         if not include_last:
             found = found[:-1]
         if not found:
@@ -73,15 +72,20 @@ def select_layers(model: nn.Module, layers: Optional[Sequence[Union[str, nn.Modu
         return found
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
-    by_name = dict(named)
-    by_id = {id(m): n for n, m in named}
+    by_id = None
     out: List[Tuple[str, nn.Module]] = []
     for entry in layers:
         if isinstance(entry, str):
-            if entry not in by_name or entry == "":
+            try:                                             # a path lookup: no walk over every module
+                mod = model.get_submodule(entry) if entry else None
+            except AttributeError:
+                mod = None
+            if not isinstance(mod, nn.Module):
                 raise ValueError(f"layers: model has no submodule named {entry!r}")
-            out.append((entry, by_name[entry]))
+            out.append((entry, mod))
         elif isinstance(entry, nn.Module):
+            if by_id is None:
+                by_id = {id(m): n for n, m in model.named_modules()}
             if id(entry) not in by_id or by_id[id(entry)] == "":
                 raise ValueError(f"layers: {type(entry).__name__} object is not a submodule of the model")
             out.append((by_id[id(entry)], entry))
@@ -146,16 +150,20 @@ class ActivationRecorder(contextlib.AbstractContextManager):
         return [n for n, _ in self.layers]
 
     def _hook(self, name):
+        reduce, features = self._reduce, self.features
+        may_alias = reduce is not sq_l2_per_channel               # the norms are always new tensors
+
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a tensor")
             out = output.detach()
-            r = self._reduce(out)
+            r = reduce(out)
             # a reduction that is a view of the output (flatten) would be overwritten by a later
             # in-place op on it -- ReLU(inplace=True) after a conv, as in torchvision's nets
-            if isinstance(r, torch.Tensor) and r.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            if may_alias and isinstance(r, torch.Tensor) and \
+                    r.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
                 r = r.clone()
-            self.features[name] = r
+            features[name] = r
         return hook
 
     def __enter__(self):
@@ -195,9 +203,16 @@ def normalize_features(parts: Sequence[torch.Tensor], normalize: str) -> torch.T
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    parts = list(parts)
+    # one clamp and one division for all layers (the _foreach ops; the same values as per layer)
     if normalize == "l2":
-        return torch.cat([p / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(_EPS) for p in parts], 1)
-    cat = torch.cat([p / p.sum(1, keepdim=True).abs().clamp_min(_EPS) for p in parts], 1)
+        scale = [torch.linalg.vector_norm(p, dim=1, keepdim=True) for p in parts]
+    else:
+        scale = [p.sum(1, keepdim=True).abs() for p in parts]
+    torch._foreach_clamp_min_(scale, _EPS)
+    cat = torch.cat(torch._foreach_div(parts, scale), 1)
+    if normalize == "l2":
+        return cat
     return cat / torch.linalg.vector_norm(cat, dim=1, keepdim=True).clamp_min(_EPS)
 
 

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .._ops import forest_leaf_masks
+from .. import _ops  # noqa: F401  (registers robustops::forest_leaf_masks)
 
 __all__ = ["TensorForest", "SpecializedForest"]
 
@@ -478,8 +478,11 @@ class _LeafMasks:
 
     def __call__(self, x: torch.Tensor, groups: torch.Tensor, column: Optional[int]) -> torch.Tensor:
         value = self.value if column is None else self.value_columns[column]
-        out = forest_leaf_masks(x, groups, self.columns, self.input_start, self.cuts, self.cut_start, self.bin_map,
-                                self.mask_start, self.masks, self.leaf_start, value)
+        # the op itself (its C++ checks validate every argument): the wrapper's Python checks
+        # cost as much as a small batch's forest
+        out = torch.ops.robustops.forest_leaf_masks(x, groups, self.columns, self.input_start, self.cuts,
+                                                    self.cut_start, self.bin_map, self.mask_start, self.masks,
+                                                    self.leaf_start, value)
         return out if column is None else out[:, 0]
 
 
@@ -594,19 +597,22 @@ class SpecializedForest:
             if groups is None or groups.shape != (x.shape[0],):
                 raise ValueError(f"groups must be [N] = [{x.shape[0]}] for a grouped forest")
             groups = groups.to(device=self.device, dtype=torch.int64)
-            if groups.numel():
-                lo, hi = (int(v) for v in torch.aminmax(groups))
-                if lo < 0 or hi >= self.n_groups:
-                    raise ValueError(f"groups must lie in [0, {self.n_groups}), got [{lo}, {hi}]")
         if self.masks is not None:
             if not self.grouped:
                 groups = torch.zeros(x.shape[0], dtype=torch.int64, device=self.device)
             try:
                 return self.masks(x, groups, column)
-            except RuntimeError as e:                        # the op's check, as the walk reports it
-                if "not finite" in str(e) or "non-finite" in str(e):
-                    raise ValueError(f"x holds a non-finite value in a column the forest reads ({e})") from None
+            except RuntimeError as e:                        # the op checks groups and inputs as it reads them
+                msg = str(e)
+                if "not finite" in msg or "non-finite" in msg:
+                    raise ValueError(f"x holds a non-finite value in a column the forest reads ({msg})") from None
+                if "groups" in msg:
+                    raise ValueError(f"groups must lie in [0, {self.n_groups}) ({msg})") from None
                 raise
+        if self.grouped and groups.numel():
+            lo, hi = (int(v) for v in torch.aminmax(groups))
+            if lo < 0 or hi >= self.n_groups:
+                raise ValueError(f"groups must lie in [0, {self.n_groups}), got [{lo}, {hi}]")
         if not bool(torch.isfinite(x.index_select(1, self.walk.cols)).all()):
             raise ValueError("x holds a non-finite value in a column the forest reads")
         return self.walk(x, None, column, groups if self.grouped else None)

@@ -292,7 +292,7 @@ class RelevantNeuronDetector(Detector):
         for xb in _iter_images(x, self.batch_size, "x"):
             feats, logits = self.features_and_logits(xb)
             out.append(self.score_features(feats, logits.argmax(1)))
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def score_features(self, feats: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:
         """``P(adversarial)`` ``[N]`` (float64) from precomputed descriptors ``[N, m]`` and

@@ -84,12 +84,22 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
       map_row[f * padded + i] = tb.bin_map + trees * (c0 + p + count_below(tb.cuts + c0, w, v));
     }
   }
+  const int64_t seg0 = trees * p0;  // segment of (tree 0, first input)
+  const int64_t* leaf_first = tb.leaf_start + g * trees;
+  {  // the first chunk's rows, masks and leaf values (later chunks are prefetched one ahead)
+    const int64_t t1 = std::min(kTreeChunk, trees);
+    for (int64_t i = 0; i < k * padded; ++i) {
+      const map_t* r = map_row[i];
+      prefetch(r);
+      prefetch(r + t1 - 1);
+    }
+    prefetch_share(tb.masks + tb.mask_start[seg0] * words, tb.masks + tb.mask_start[seg0 + t1 * k] * words, 0, 1);
+    prefetch_share(tb.value + leaf_first[0] * c_cols, tb.value + leaf_first[t1] * c_cols, 0, 1);
+  }
   std::vector<double> sum(padded * c_cols, 0.0);
   std::vector<uint64_t> acc_rt(kWords > 0 ? 0 : kLanes * words);
   uint64_t acc_ct[kLanes * (kWords > 0 ? kWords : 1)];
   uint64_t* acc = kWords > 0 ? acc_ct : acc_rt.data();
-  const int64_t seg0 = trees * p0;  // segment of (tree 0, first input)
-  const int64_t* leaf_first = tb.leaf_start + g * trees;
   const int64_t lane_groups = padded / kLanes;
   bool out_of_range = false;
   for (int64_t t0 = 0; t0 < trees; t0 += kTreeChunk) {
