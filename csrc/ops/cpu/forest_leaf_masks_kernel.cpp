@@ -23,6 +23,11 @@
 
 #include "../forest_leaf_masks_checks.h"
 
+#if (defined(__SSE2__) || defined(_M_X64)) && (defined(__x86_64__) || defined(_M_X64))
+#include <emmintrin.h>
+#define ROBUSTOPS_FOREST_SSE2 1
+#endif
+
 namespace robustops {
 namespace {
 
@@ -63,13 +68,77 @@ struct Task {
   int64_t group, first, count;  // samples order[first .. first + count - 1]
 };
 
+// The AND of kLanes samples' leaf masks for one tree, kept in registers: one word per lane
+// (trees of at most 63 leaves), two words per lane in one SSE2 register (at most 126; an array
+// of words that the compiler kept in memory made the forest ~40% slower), or a runtime count.
+struct LaneMasks1 {
+  explicit LaneMasks1(int64_t) {}
+  uint64_t a[kLanes];
+  static constexpr int64_t words() { return 1; }
+  void init(int64_t leaves) {
+    for (int64_t j = 0; j < kLanes; ++j) a[j] = leaf_bits(leaves, 0);
+  }
+  void and_row(int64_t j, const int64_t* m) { a[j] &= static_cast<uint64_t>(m[0]); }
+  uint64_t word(int64_t j, int64_t) const { return a[j]; }
+};
+
+#ifdef ROBUSTOPS_FOREST_SSE2
+struct LaneMasks2 {
+  explicit LaneMasks2(int64_t) {}
+  __m128i a[kLanes];
+  static constexpr int64_t words() { return 2; }
+  void init(int64_t leaves) {
+    const __m128i v = _mm_set_epi64x(static_cast<long long>(leaf_bits(leaves, 1)),
+                                     static_cast<long long>(leaf_bits(leaves, 0)));
+    for (int64_t j = 0; j < kLanes; ++j) a[j] = v;
+  }
+  void and_row(int64_t j, const int64_t* m) {
+    a[j] = _mm_and_si128(a[j], _mm_loadu_si128(reinterpret_cast<const __m128i*>(m)));
+  }
+  uint64_t word(int64_t j, int64_t w) const {
+    return static_cast<uint64_t>(_mm_cvtsi128_si64(w == 0 ? a[j] : _mm_unpackhi_epi64(a[j], a[j])));
+  }
+};
+#else
+struct LaneMasks2 {
+  explicit LaneMasks2(int64_t) {}
+  uint64_t a[kLanes][2];
+  static constexpr int64_t words() { return 2; }
+  void init(int64_t leaves) {
+    for (int64_t j = 0; j < kLanes; ++j) a[j][0] = leaf_bits(leaves, 0), a[j][1] = leaf_bits(leaves, 1);
+  }
+  void and_row(int64_t j, const int64_t* m) {
+    a[j][0] &= static_cast<uint64_t>(m[0]);
+    a[j][1] &= static_cast<uint64_t>(m[1]);
+  }
+  uint64_t word(int64_t j, int64_t w) const { return a[j][w]; }
+};
+#endif
+
+struct LaneMasksN {
+  explicit LaneMasksN(int64_t n) : n_(n), a(kLanes * n) {}
+  int64_t words() const { return n_; }
+  void init(int64_t leaves) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      for (int64_t w = 0; w < n_; ++w) a[j * n_ + w] = leaf_bits(leaves, w);
+    }
+  }
+  void and_row(int64_t j, const int64_t* m) {
+    for (int64_t w = 0; w < n_; ++w) a[j * n_ + w] &= static_cast<uint64_t>(m[w]);
+  }
+  uint64_t word(int64_t j, int64_t w) const { return a[j * n_ + w]; }
+  int64_t n_;
+  std::vector<uint64_t> a;
+};
+
 // One task: the samples `rows` (count of them, all of group g); writes their rows of out. A
-// tree bin past its segment's rows sets *bad (and reads bin 0). kWords > 0: the word count known
-// at compile time (1 or 2, the common cases); 0: runtime.
-template <typename map_t, int kWords>
+// tree bin past its segment's rows sets *bad (and reads bin 0). acc: LaneMasks1 / 2 / N for the
+// tables' word count.
+template <typename map_t, typename Acc>
 void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t count, double* out, bool* bad) {
+  Acc acc(tb.words);  // a local: kept in registers (a reference to the caller's was kept in memory)
   const int64_t p0 = tb.input_start[g], k = tb.input_start[g + 1] - p0;
-  const int64_t words = kWords > 0 ? kWords : tb.words;
+  const int64_t words = acc.words();
   const int64_t c_cols = tb.c_cols, trees = tb.trees;
   const int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
   // per input and sample (lanes past the task repeat its last sample): its bin_map row
@@ -97,9 +166,6 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
     prefetch_share(tb.value + leaf_first[0] * c_cols, tb.value + leaf_first[t1] * c_cols, 0, 1);
   }
   std::vector<double> sum(padded * c_cols, 0.0);
-  std::vector<uint64_t> acc_rt(kWords > 0 ? 0 : kLanes * words);
-  uint64_t acc_ct[kLanes * (kWords > 0 ? kWords : 1)];
-  uint64_t* acc = kWords > 0 ? acc_ct : acc_rt.data();
   const int64_t lane_groups = padded / kLanes;
   bool out_of_range = false;
   for (int64_t t0 = 0; t0 < trees; t0 += kTreeChunk) {
@@ -120,28 +186,27 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
       }
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t leaves = leaf_first[t + 1] - leaf_first[t];
-        for (int64_t j = 0; j < kLanes; ++j) {
-          for (int64_t w = 0; w < words; ++w) acc[j * words + w] = leaf_bits(leaves, w);
-        }
+        acc.init(leaves);
         const int64_t* ms = tb.mask_start + seg0 + t * k;
         for (int64_t f = 0; f < k; ++f) {
           const int64_t lo = ms[f];
           const uint64_t bins = static_cast<uint64_t>(ms[f + 1] - lo);
           const map_t* const* mr = map_row.data() + f * padded + lane0;
+          bool any_bad = false;  // per (tree, input), then one OR: a chain of ORs per lane cost ~25%
           for (int64_t j = 0; j < kLanes; ++j) {
             // branch-free bounds check: a tree bin past the tree's bins is noted and read as bin 0
             const uint64_t u = static_cast<uint64_t>(static_cast<int64_t>(mr[j][t]));
             const bool ok = u < bins;
-            out_of_range |= !ok;
-            const int64_t* m = tb.masks + (lo + (ok ? static_cast<int64_t>(u) : 0)) * words;
-            for (int64_t w = 0; w < words; ++w) acc[j * words + w] &= static_cast<uint64_t>(m[w]);
+            any_bad |= !ok;
+            acc.and_row(j, tb.masks + (lo + (ok ? static_cast<int64_t>(u) : 0)) * words);
           }
+          out_of_range |= any_bad;
         }
         const int64_t lanes = std::min(kLanes, count - lane0);
         for (int64_t j = 0; j < lanes; ++j) {
           int64_t leaf = -1, hits = 0;
           for (int64_t w = 0; w < words; ++w) {
-            const uint64_t v = acc[j * words + w];
+            const uint64_t v = acc.word(j, w);
             if (v) {  // one bit: counted as one hit, anything else as two
               hits += (v & (v - 1)) ? 2 : 1;
               leaf = kLeafBitsPerWord * w + static_cast<int64_t>(c10::llvm::countTrailingZeros(v));
@@ -149,9 +214,13 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
           }
           TORCH_CHECK(hits == 1 && leaf < leaves, "forest_leaf_masks: the masks do not select exactly one leaf of tree ",
                       t, " of group ", g, " for sample ", rows[lane0 + j], " (corrupt tables)");
-          const double* v = tb.value + (leaf_first[t] + leaf) * c_cols;
-          double* s = sum.data() + (lane0 + j) * c_cols;
-          for (int64_t c = 0; c < c_cols; ++c) s[c] += v[c];
+          if (c_cols == 1) {  // the detector's case (one class column): no inner loop
+            sum[lane0 + j] += tb.value[leaf_first[t] + leaf];
+          } else {
+            const double* v = tb.value + (leaf_first[t] + leaf) * c_cols;
+            double* s = sum.data() + (lane0 + j) * c_cols;
+            for (int64_t c = 0; c < c_cols; ++c) s[c] += v[c];
+          }
         }
       }
     }
@@ -174,11 +243,11 @@ void run_all(const Tables<map_t>& tb, const std::vector<Task>& tasks, const int6
         const Task& task = tasks[i];
         bool bad = false;
         if (tb.words == 1) {
-          run_task<map_t, 1>(tb, task.group, order + task.first, task.count, out, &bad);
+          run_task<map_t, LaneMasks1>(tb, task.group, order + task.first, task.count, out, &bad);
         } else if (tb.words == 2) {
-          run_task<map_t, 2>(tb, task.group, order + task.first, task.count, out, &bad);
+          run_task<map_t, LaneMasks2>(tb, task.group, order + task.first, task.count, out, &bad);
         } else {
-          run_task<map_t, 0>(tb, task.group, order + task.first, task.count, out, &bad);
+          run_task<map_t, LaneMasksN>(tb, task.group, order + task.first, task.count, out, &bad);
         }
         if (bad) any_bad = true;
       }
