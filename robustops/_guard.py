@@ -46,11 +46,13 @@ class _Record:
 
 
 @contextlib.contextmanager
-def frozen_model(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
+def frozen_model(model: nn.Module, eval_mode: bool = True, freeze_params: bool = True) -> Iterator[nn.Module]:
     """Run ``model`` for analysis without changing anything the user can observe.
 
     Inside the block the model is in eval mode (when ``eval_mode``) and its parameters do not
-    require grad, so ``torch.autograd.grad`` w.r.t. the input does not touch ``param.grad``.
+    require grad (when ``freeze_params``), so ``torch.autograd.grad`` w.r.t. the input does not
+    touch ``param.grad``. ``freeze_params=False`` is for blocks that run under ``torch.no_grad``
+    (nothing can reach a ``.grad`` there); it saves two flag writes per parameter.
     When the last guard on the model exits (in ``finally``): every submodule's ``training``
     flag, every parameter's ``requires_grad`` and every parameter's ``.grad`` (the same tensor
     object, or None) are restored to what they were before the first guard entered. Safe to
@@ -67,9 +69,10 @@ def frozen_model(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module
         rec.count += 1
         if eval_mode and any(m.training for m in rec.modes):
             model.eval()                                     # its train(False) overrides run, as users expect
-        for p in rec.params:
-            if p.requires_grad:
-                p.requires_grad_(False)
+        if freeze_params:
+            for p in rec.params:
+                if p.requires_grad:
+                    p.requires_grad_(False)
     try:
         yield model
     finally:

@@ -29,6 +29,20 @@ def test_restores_modes_requires_grad_and_grads():
     assert m[3].weight.grad is g and m[0].bias.grad is None
 
 
+def test_freeze_params_false_keeps_flags_and_nests_with_a_freezing_guard():
+    """freeze_params=False (blocks under no_grad): eval mode, requires_grad untouched; a freezing
+    guard nested inside freezes, and the last exit restores the first entrant's snapshot."""
+    m = _model().train()
+    m[0].weight.requires_grad_(False)
+    with frozen_model(m, freeze_params=False):
+        assert not m.training
+        assert not m[0].weight.requires_grad and m[3].weight.requires_grad
+        with frozen_model(m):
+            assert not any(p.requires_grad for p in m.parameters())
+        assert not any(p.requires_grad for p in m.parameters())       # restored only by the last exit
+    assert m.training and not m[0].weight.requires_grad and m[3].weight.requires_grad
+
+
 def test_restores_on_exception():
     m = _model().train()
     with pytest.raises(RuntimeError):

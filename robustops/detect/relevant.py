@@ -277,7 +277,8 @@ class RelevantNeuronDetector(Detector):
             raise ShapeMismatchError(f"x holds images of shape {tuple(x.shape[1:])}, the detector was fitted on "
                                      f"{self.sample_shape_}")
         model = self.model
-        with frozen_model(model), torch.no_grad(), ActivationRecorder(model, self.layer_names) as rec:
+        with frozen_model(model, freeze_params=False), torch.no_grad(), \
+                ActivationRecorder(model, self.layer_names) as rec:
             logits = as_logits(model(x.to(model_device(model, x.device))), x.shape[0])
             feats = normalize_features([rec.features[n] for n in self.layer_names], self.normalize)
         return feats, logits

@@ -23,6 +23,15 @@
 
 #include "../forest_leaf_masks_checks.h"
 
+// Full unrolling of the loops over the kLanes images keeps their masks in registers.
+#if defined(__clang__)
+#define ROBUSTOPS_UNROLL_LANES _Pragma("unroll")
+#elif defined(__GNUC__)
+#define ROBUSTOPS_UNROLL_LANES _Pragma("GCC unroll 8")
+#else
+#define ROBUSTOPS_UNROLL_LANES
+#endif
+
 #if (defined(__SSE2__) || defined(_M_X64)) && (defined(__x86_64__) || defined(_M_X64))
 #include <emmintrin.h>
 #define ROBUSTOPS_FOREST_SSE2 1
@@ -76,6 +85,7 @@ struct LaneMasks1 {
   uint64_t a[kLanes];
   static constexpr int64_t words() { return 1; }
   void init(int64_t leaves) {
+    ROBUSTOPS_UNROLL_LANES
     for (int64_t j = 0; j < kLanes; ++j) a[j] = leaf_bits(leaves, 0);
   }
   void and_row(int64_t j, const int64_t* m) { a[j] &= static_cast<uint64_t>(m[0]); }
@@ -90,6 +100,7 @@ struct LaneMasks2 {
   void init(int64_t leaves) {
     const __m128i v = _mm_set_epi64x(static_cast<long long>(leaf_bits(leaves, 1)),
                                      static_cast<long long>(leaf_bits(leaves, 0)));
+    ROBUSTOPS_UNROLL_LANES
     for (int64_t j = 0; j < kLanes; ++j) a[j] = v;
   }
   void and_row(int64_t j, const int64_t* m) {
@@ -105,6 +116,7 @@ struct LaneMasks2 {
   uint64_t a[kLanes][2];
   static constexpr int64_t words() { return 2; }
   void init(int64_t leaves) {
+    ROBUSTOPS_UNROLL_LANES
     for (int64_t j = 0; j < kLanes; ++j) a[j][0] = leaf_bits(leaves, 0), a[j][1] = leaf_bits(leaves, 1);
   }
   void and_row(int64_t j, const int64_t* m) {
@@ -119,6 +131,7 @@ struct LaneMasksN {
   explicit LaneMasksN(int64_t n) : n_(n), a(kLanes * n) {}
   int64_t words() const { return n_; }
   void init(int64_t leaves) {
+    ROBUSTOPS_UNROLL_LANES
     for (int64_t j = 0; j < kLanes; ++j) {
       for (int64_t w = 0; w < n_; ++w) a[j * n_ + w] = leaf_bits(leaves, w);
     }
@@ -175,6 +188,7 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
       const int64_t lane0 = lg * kLanes;
       if (t1 < trees) {
         for (int64_t f = 0; f < k; ++f) {
+          ROBUSTOPS_UNROLL_LANES
           for (int64_t j = 0; j < kLanes; ++j) {
             const map_t* r = map_row[f * padded + lane0 + j] + t1;
             prefetch(r);
@@ -193,6 +207,7 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
           const uint64_t bins = static_cast<uint64_t>(ms[f + 1] - lo);
           const map_t* const* mr = map_row.data() + f * padded + lane0;
           bool any_bad = false;  // per (tree, input), then one OR: a chain of ORs per lane cost ~25%
+          ROBUSTOPS_UNROLL_LANES
           for (int64_t j = 0; j < kLanes; ++j) {
             // branch-free bounds check: a tree bin past the tree's bins is noted and read as bin 0
             const uint64_t u = static_cast<uint64_t>(static_cast<int64_t>(mr[j][t]));
@@ -202,8 +217,10 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
           }
           out_of_range |= any_bad;
         }
-        const int64_t lanes = std::min(kLanes, count - lane0);
-        for (int64_t j = 0; j < lanes; ++j) {
+        // every lane, the padding ones too (they repeat the task's last image: valid reads,
+        // sums never copied out), so that the loop unrolls
+        ROBUSTOPS_UNROLL_LANES
+        for (int64_t j = 0; j < kLanes; ++j) {
           int64_t leaf = -1, hits = 0;
           for (int64_t w = 0; w < words; ++w) {
             const uint64_t v = acc.word(j, w);
@@ -213,7 +230,7 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
             }
           }
           TORCH_CHECK(hits == 1 && leaf < leaves, "forest_leaf_masks: the masks do not select exactly one leaf of tree ",
-                      t, " of group ", g, " for sample ", rows[lane0 + j], " (corrupt tables)");
+                      t, " of group ", g, " for sample ", rows[std::min(lane0 + j, count - 1)], " (corrupt tables)");
           if (c_cols == 1) {  // the detector's case (one class column): no inner loop
             sum[lane0 + j] += tb.value[leaf_first[t] + leaf];
           } else {
