@@ -77,9 +77,9 @@ struct Task {
   int64_t group, first, count;  // samples order[first .. first + count - 1]
 };
 
-// The AND of kLanes samples' leaf masks for one tree, kept in registers: one word per lane
-// (trees of at most 63 leaves), two words per lane in one SSE2 register (at most 126; an array
-// of words that the compiler kept in memory made the forest ~40% slower), or a runtime count.
+// The AND of kLanes samples' leaf masks for one tree, meant for registers (with the loops over
+// the lanes unrolled): one word per lane (trees of at most 63 leaves), two words per lane in one
+// SSE2 register (at most 126 leaves), or a runtime count of words.
 struct LaneMasks1 {
   explicit LaneMasks1(int64_t) {}
   uint64_t a[kLanes];
@@ -206,7 +206,7 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
           const int64_t lo = ms[f];
           const uint64_t bins = static_cast<uint64_t>(ms[f + 1] - lo);
           const map_t* const* mr = map_row.data() + f * padded + lane0;
-          bool any_bad = false;  // per (tree, input), then one OR: a chain of ORs per lane cost ~25%
+          bool any_bad = false;  // per (tree, input), then one OR (an OR chain through every lane was slower)
           ROBUSTOPS_UNROLL_LANES
           for (int64_t j = 0; j < kLanes; ++j) {
             // branch-free bounds check: a tree bin past the tree's bins is noted and read as bin 0
