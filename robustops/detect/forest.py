@@ -173,7 +173,7 @@ class TensorForest:
 
         Raises:
             ValueError: bad ``columns`` / ``blocks`` / ``form``, or ``form="leaf_masks"`` for
-                trees too deep for it.
+                trees too deep for it or bin maps over ``max_bytes``.
         """
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
