@@ -350,12 +350,6 @@ def _to(obj, device):
     return out
 
 
-def _gather_inputs(x: torch.Tensor, cols: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x[rows][:, cols]`` transposed: ``[k, n]`` contiguous."""
-    v = x if rows is None else x.index_select(0, rows)
-    return v.index_select(1, cols).t().contiguous()
-
-
 def _tree_sum(values: torch.Tensor, index: torch.Tensor, t: int, n: int, column: Optional[int]) -> torch.Tensor:
     """Mean over trees of ``values[:, index]`` (``values [C, *]``, ``index [T * n]`` tree-major),
     summed sequentially in tree order (``cumsum``) as scikit-learn does: ``[n, C]``, or ``[n]``
@@ -515,10 +509,11 @@ class _Walk:
     def to(self, device) -> "_Walk":
         return _to(self, device)
 
-    def __call__(self, x: torch.Tensor, rows: Optional[torch.Tensor], column: Optional[int],
-                 which: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, column: Optional[int], which: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``which``: the walk group of each sample (default: all in the first)."""
-        xt = _gather_inputs(x, self.cols, rows)              # [k, n]
+        xt = x.index_select(1, self.cols).t().contiguous()   # [k, n]: the inputs the trees read
+        if not bool(torch.isfinite(xt).all()):
+            raise ValueError("x holds a non-finite value in a column the forest reads")
         n = xt.shape[1]
         t = self.roots.shape[0]
         xflat = xt.reshape(-1)
@@ -603,16 +598,14 @@ class SpecializedForest:
             try:
                 return self.masks(x, groups, column)
             except RuntimeError as e:                        # the op checks groups and inputs as it reads them
-                msg = str(e)
-                if "not finite" in msg or "non-finite" in msg:
+                msg = str(e)                                 # (CPU and CUDA kernels' messages)
+                if "is not finite" in msg or "holds a non-finite value" in msg:
                     raise ValueError(f"x holds a non-finite value in a column the forest reads ({msg})") from None
-                if "groups" in msg:
+                if "lies outside [0, " in msg or "groups holds a value outside" in msg:
                     raise ValueError(f"groups must lie in [0, {self.n_groups}) ({msg})") from None
                 raise
         if self.grouped and groups.numel():
             lo, hi = (int(v) for v in torch.aminmax(groups))
             if lo < 0 or hi >= self.n_groups:
                 raise ValueError(f"groups must lie in [0, {self.n_groups}), got [{lo}, {hi}]")
-        if not bool(torch.isfinite(x.index_select(1, self.walk.cols)).all()):
-            raise ValueError("x holds a non-finite value in a column the forest reads")
-        return self.walk(x, None, column, groups if self.grouped else None)
+        return self.walk(x, column, groups if self.grouped else None)

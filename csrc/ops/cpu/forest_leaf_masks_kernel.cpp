@@ -155,7 +155,7 @@ void run_task(const Tables<map_t>& tb, int64_t g, const int64_t* rows, int64_t c
   const int64_t c_cols = tb.c_cols, trees = tb.trees;
   const int64_t padded = (count + kLanes - 1) / kLanes * kLanes;
   // per input and sample (lanes past the task repeat its last sample): its bin_map row
-  std::vector<const map_t*> map_row(std::max<int64_t>(k, 1) * padded);
+  std::vector<const map_t*> map_row(k * padded);
   for (int64_t f = 0; f < k; ++f) {
     const int64_t p = p0 + f, c0 = tb.cut_start[p], w = tb.cut_start[p + 1] - c0;
     for (int64_t i = 0; i < padded; ++i) {
@@ -254,20 +254,18 @@ void run_all(const Tables<map_t>& tb, const std::vector<Task>& tasks, const int6
   std::atomic<int64_t> next_task{0};
   std::atomic<bool> any_bad{false};
   const int64_t workers = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), n_tasks);
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-    for (int64_t w = w0; w < w1; ++w) {
-      for (int64_t i = next_task++; i < n_tasks; i = next_task++) {
-        const Task& task = tasks[i];
-        bool bad = false;
-        if (tb.words == 1) {
-          run_task<map_t, LaneMasks1>(tb, task.group, order + task.first, task.count, out, &bad);
-        } else if (tb.words == 2) {
-          run_task<map_t, LaneMasks2>(tb, task.group, order + task.first, task.count, out, &bad);
-        } else {
-          run_task<map_t, LaneMasksN>(tb, task.group, order + task.first, task.count, out, &bad);
-        }
-        if (bad) any_bad = true;
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {  // every worker pulls tasks until none is left
+    for (int64_t i = next_task++; i < n_tasks; i = next_task++) {
+      const Task& task = tasks[i];
+      bool bad = false;
+      if (tb.words == 1) {
+        run_task<map_t, LaneMasks1>(tb, task.group, order + task.first, task.count, out, &bad);
+      } else if (tb.words == 2) {
+        run_task<map_t, LaneMasks2>(tb, task.group, order + task.first, task.count, out, &bad);
+      } else {
+        run_task<map_t, LaneMasksN>(tb, task.group, order + task.first, task.count, out, &bad);
       }
+      if (bad) any_bad = true;
     }
   });
   if (any_bad) raise_forest_leaf_masks_error(kBadTreeBin);
