@@ -70,6 +70,10 @@ def test_recorded_outputs_survive_inplace_relu():
     with torch.no_grad(), ActivationRecorder(model, ["0"], reduce="none") as rec:
         model(x)
     torch.testing.assert_close(rec.features["0"], ref)
+    # the default per-channel norms (no alias check: always new tensors) are of the pre-ReLU output
+    with torch.no_grad(), ActivationRecorder(model, ["0"]) as rec:
+        model(x)
+    torch.testing.assert_close(rec.features["0"], ref.view(5, 4, 36).square().sum(2))
     nic = NICDetector(model, layers=["0"])
     acts, _ = nic._activations(x)
     np.testing.assert_allclose(acts[0], ref.double().numpy(), rtol=1e-6, atol=1e-7)
