@@ -28,7 +28,12 @@ class _Record:
         self.count = 0
         self.eval_mode = eval_mode
         self.modes: Dict[nn.Module, bool] = {m: m.training for m in model.modules()}
-        self.params: List[nn.Parameter] = list(model.parameters())
+        self.params: Optional[List[nn.Parameter]] = None     # taken by the first freezing entrant
+
+    def snapshot_params(self, model: nn.Module) -> None:
+        """The parameters' requires_grad flags and .grad tensors, before anything freezes them
+        (until then only non-freezing guards, under no_grad, have entered: they are the user's)."""
+        self.params = list(model.parameters())
         self.requires = [p.requires_grad for p in self.params]
         self.grads = [p.grad for p in self.params]
 
@@ -38,6 +43,8 @@ class _Record:
         for m, training in self.modes.items():
             if m.training != training:
                 m.training = training
+        if self.params is None:                              # no guard froze the parameters
+            return
         for p, r, g in zip(self.params, self.requires, self.grads):
             if p.requires_grad != r:
                 p.requires_grad_(r)
@@ -52,7 +59,8 @@ def frozen_model(model: nn.Module, eval_mode: bool = True, freeze_params: bool =
     Inside the block the model is in eval mode (when ``eval_mode``) and its parameters do not
     require grad (when ``freeze_params``), so ``torch.autograd.grad`` w.r.t. the input does not
     touch ``param.grad``. ``freeze_params=False`` is for blocks that run under ``torch.no_grad``
-    (nothing can reach a ``.grad`` there); it saves two flag writes per parameter.
+    (nothing can reach a ``.grad`` there); it neither writes nor snapshots the parameters' flags
+    (a freezing guard nested inside takes the snapshot before it freezes them).
     When the last guard on the model exits (in ``finally``): every submodule's ``training``
     flag, every parameter's ``requires_grad`` and every parameter's ``.grad`` (the same tensor
     object, or None) are restored to what they were before the first guard entered. Safe to
@@ -70,6 +78,8 @@ def frozen_model(model: nn.Module, eval_mode: bool = True, freeze_params: bool =
         if eval_mode and any(m.training for m in rec.modes):
             model.eval()                                     # its train(False) overrides run, as users expect
         if freeze_params:
+            if rec.params is None:
+                rec.snapshot_params(model)
             for p in rec.params:
                 if p.requires_grad:
                     p.requires_grad_(False)

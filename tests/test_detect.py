@@ -382,6 +382,16 @@ def test_specialized_forest_by_group_equals_sklearn_on_zero_padded_input(form):
     one = torch.cat([sp.predict_proba(x[i:i + 1], gr[i:i + 1], column=1) for i in range(40)])
     assert np.array_equal(one.numpy(), ref[:40, 1])
     assert np.array_equal(sp.predict_proba(x[7:44], gr[7:44], column=1).numpy(), ref[7:44, 1])
+    # the same forest reading a narrower matrix (only the columns it reads, in another order)
+    keep = torch.unique(columns).flip(0)
+    mapping = torch.full((width,), -1, dtype=torch.int64)
+    mapping[keep] = torch.arange(keep.numel())
+    narrow = sp.reading(mapping, keep.numel())
+    assert np.array_equal(narrow.predict_proba(x[:, keep].contiguous(), gr).numpy(), ref)
+    assert np.array_equal(sp.predict_proba(x, gr).numpy(), ref)              # the original is unchanged
+    mapping[keep[0]] = -1
+    with pytest.raises(ValueError, match="outside"):
+        sp.reading(mapping, keep.numel())
     with pytest.raises(ValueError, match="groups"):
         sp.predict_proba(x, None)
     with pytest.raises(ValueError, match="groups"):
@@ -515,6 +525,50 @@ def test_score_predict_consistent_and_deterministic(fitted, digits_cnn_trained, 
     torch.testing.assert_close(fitted.score(loader), s)
     again = RelevantNeuronDetector(model, mu=10, n_estimators=60, seed=0).fit(xtr, adv[0])
     assert torch.equal(again.score(xte), s)
+
+
+def test_score_computes_only_the_layers_the_forest_reads(fitted, digits_cnn_trained, adv):
+    """With normalize="l2" every layer is normalised on its own, so score / predict hook only
+    the layers holding a selected neuron, and give exactly the scores of the full descriptors.
+    With "sum_l2" (one L2 norm over all layers) they need every layer."""
+    model, xtr, ytr, xte, yte = digits_cnn_trained
+    c, a = extract(model, xtr, fitted.layer_names), extract(model, adv[0], fitted.layer_names)
+    fc1 = sum(c.sizes[:2])                                   # fc1's neurons: the last layer's columns
+    late = {j: {k: [i for i in v if i >= fc1] for k, v in d.items()} for j, d in fitted.relevant.items()}
+    det = RelevantNeuronDetector(model, mu=10, n_estimators=60, seed=0)
+    det.fit_features(c.features, c.predictions, a.features, a.predictions, c.num_classes, layer_sizes=c.sizes,
+                     sample_shape=c.sample_shape, relevant=late)
+    assert det._read_layers == ["fc1"]
+    seen = {}
+
+    def spy(name):                                           # hooks on the layer when it runs (ours + this one)
+        def hook(module, inputs, output):
+            seen[name] = len(module._forward_hooks)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(spy(n)) for n in det.layer_names]
+    try:
+        s = det.score(xte)
+        assert seen == {"conv1": 1, "conv2": 1, "fc1": 2}
+        seen.clear()
+        feats, logits = det.features_and_logits(xte)
+        assert seen == {"conv1": 2, "conv2": 2, "fc1": 2}
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(s, det.score_features(feats, logits.argmax(1)))
+    z = det._design(feats, logits.argmax(1)).numpy()
+    assert torch.equal(s, torch.from_numpy(det.classifier_.predict_proba(z)[:, 1]))
+    assert fitted._read_layers == [n for n in fitted.layer_names
+                                   if any(name.startswith(n + ":") for name in fitted.neuron_names(
+                                       fitted._index.tolist()))]
+    cs, as_ = (extract(model, v, fitted.layer_names, "sum_l2") for v in (xtr, adv[0]))
+    sparse = RelevantNeuronDetector(model, mu=10, n_estimators=20, seed=0, normalize="sum_l2")
+    sparse.fit_features(cs.features, cs.predictions, as_.features, as_.predictions, cs.num_classes,
+                        layer_sizes=cs.sizes, sample_shape=cs.sample_shape, relevant=late)
+    assert sparse._read_layers == sparse.layer_names
+    f2, l2 = sparse.features_and_logits(xte)
+    assert torch.equal(sparse.score(xte), sparse.score_features(f2, l2.argmax(1)))
 
 
 def test_use_label_zeroes_other_blocks(fitted, digits_cnn_trained):

@@ -104,8 +104,7 @@ def sq_l2_per_channel(out: torch.Tensor) -> torch.Tensor:
     a ``[N, F]`` output gives its squared values."""
     if out.dim() == 2:
         return out * out
-    flat = out.flatten(2)
-    return torch.linalg.vector_norm(flat, ord=2, dim=2).square()
+    return torch.linalg.vector_norm(out.flatten(2), ord=2, dim=2).square_()
 
 
 class ActivationRecorder(contextlib.AbstractContextManager):

@@ -569,6 +569,30 @@ class SpecializedForest:
         """How the forest is evaluated: ``"leaf_masks"`` or ``"walk"``."""
         return "leaf_masks" if self.masks is not None else "walk"
 
+    def reading(self, columns: torch.Tensor, n_columns: int) -> "SpecializedForest":
+        """The same forest reading its inputs from another matrix: column ``c`` of the ``x`` it
+        was specialised for becomes column ``columns[c]`` of an ``x`` with ``n_columns`` columns
+        (``columns``: int64 ``[>= n_columns of this forest]``; -1 for columns it does not read).
+        Shares every table but the input columns. ``ValueError`` when a column the forest reads
+        maps to -1 or outside ``[0, n_columns)``."""
+        columns = torch.as_tensor(columns, dtype=torch.int64).cpu()
+        read = self.masks.columns if self.masks is not None else self.walk.cols
+        if columns.dim() != 1 or columns.numel() < self.n_columns:
+            raise ValueError(f"columns must be [>= {self.n_columns}], got {tuple(columns.shape)}")
+        new = columns[read.cpu()]
+        if new.numel() and (int(new.min()) < 0 or int(new.max()) >= n_columns):
+            raise ValueError(f"columns maps a column the forest reads outside [0, {n_columns})")
+        out = object.__new__(SpecializedForest)
+        out.__dict__.update(self.__dict__)
+        out.n_columns = int(n_columns)
+        if self.masks is not None:
+            out.masks = _to(self.masks, self.device)         # a copy sharing the tables (already there)
+            out.masks.columns = new.to(self.device)
+        else:
+            out.walk = _to(self.walk, self.device)
+            out.walk.cols = new.to(self.device)
+        return out
+
     def to(self, device) -> "SpecializedForest":
         out = object.__new__(SpecializedForest)
         out.__dict__.update(self.__dict__)

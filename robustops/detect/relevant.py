@@ -250,6 +250,19 @@ class RelevantNeuronDetector(Detector):
         advance (those inputs are 0), per predicted class (:meth:`TensorForest.specialize`)."""
         self._forest_eval = self.forest_.specialize(self._index, self._block if self.use_label else None,
                                                     num_groups=self.num_classes_)
+        # the layers the forest reads: with "l2" each layer is normalised on its own, so score /
+        # predict compute only those (often the small late layers: no hooks, no norms on the
+        # large early feature maps); "sum_l2" normalises the whole vector, so it needs them all
+        start = np.r_[0, np.cumsum(self.layer_sizes_)]
+        layer_of = np.searchsorted(start, self._index.numpy(), side="right") - 1
+        read = sorted(set(layer_of.tolist())) if self.normalize == "l2" else list(range(len(self.layer_names)))
+        self._read_layers = [self.layer_names[i] for i in read]
+        column = torch.full((self.n_features_,), -1, dtype=torch.int64)
+        width = 0
+        for i in read:
+            column[start[i]:start[i + 1]] = torch.arange(width, width + self.layer_sizes_[i])
+            width += self.layer_sizes_[i]
+        self._forest_read = self._forest_eval.reading(column, width)
 
     def _build_index(self) -> None:
         key = "clean" if self.variant == "clean" else self.variant
@@ -272,16 +285,27 @@ class RelevantNeuronDetector(Detector):
     # ------------------------------------------------------------------ inference
     def features_and_logits(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Normalised descriptors ``[N, m]`` and logits ``[N, C]`` of one batch, one forward."""
+        return self._features_and_logits(x, self.layer_names)
+
+    def _features_and_logits(self, x: torch.Tensor, layers: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The normalised descriptors of ``layers`` (concatenated, ``[N, sum of their units]``)
+        and the logits, from one forward with hooks on those layers only."""
         check_images(x, name="x")
         if tuple(x.shape[1:]) != self.sample_shape_:
             raise ShapeMismatchError(f"x holds images of shape {tuple(x.shape[1:])}, the detector was fitted on "
                                      f"{self.sample_shape_}")
         model = self.model
-        with frozen_model(model, freeze_params=False), torch.no_grad(), \
-                ActivationRecorder(model, self.layer_names) as rec:
+        with frozen_model(model, freeze_params=False), torch.no_grad(), ActivationRecorder(model, layers) as rec:
             logits = as_logits(model(x.to(model_device(model, x.device))), x.shape[0])
-            feats = normalize_features([rec.features[n] for n in self.layer_names], self.normalize)
+            feats = normalize_features([rec.features[n] for n in layers], self.normalize)
         return feats, logits
+
+    def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """``score`` of one batch: one forward with hooks on the layers the forest reads only."""
+        feats, logits = self._features_and_logits(x, self._read_layers)
+        if self._forest_read.device != feats.device:
+            self._forest_read = self._forest_read.to(feats.device)
+        return self._forest_read.predict_proba(feats, logits.argmax(1) if self.use_label else None, column=1)
 
     def score(self, x) -> torch.Tensor:
         """``P(adversarial)`` per image ``[N]`` (float64, on the model's device): the forest's
@@ -289,10 +313,9 @@ class RelevantNeuronDetector(Detector):
         that ``predict`` = ``score > 0.5`` equals the forest's ``predict``). ``x``: images ``[N, ...]``
         in [0, 1] or batches."""
         self._check_fitted("score")
-        out = []
-        for xb in _iter_images(x, self.batch_size, "x"):
-            feats, logits = self.features_and_logits(xb)
-            out.append(self.score_features(feats, logits.argmax(1)))
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and 0 < x.shape[0] <= self.batch_size:   # one batch
+            return self._score_batch(x)
+        out = [self._score_batch(xb) for xb in _iter_images(x, self.batch_size, "x")]
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def score_features(self, feats: torch.Tensor, preds: torch.Tensor) -> torch.Tensor:

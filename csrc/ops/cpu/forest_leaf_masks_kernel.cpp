@@ -42,7 +42,7 @@ namespace {
 
 constexpr int64_t kTreeChunk = 64;
 constexpr int64_t kLanes = 8;
-constexpr int64_t kBlock = 32;  // samples per task (a multiple of kLanes)
+constexpr int64_t kBlock = 64;  // samples per task (a multiple of kLanes)
 constexpr int64_t kLine = 64;   // bytes per cache line
 
 #if defined(__GNUC__) || defined(__clang__)
