@@ -262,6 +262,7 @@ class RelevantNeuronDetector(Detector):
         for i in read:
             column[start[i]:start[i + 1]] = torch.arange(width, width + self.layer_sizes_[i])
             width += self.layer_sizes_[i]
+        self._read_columns = (column, width)
         self._forest_read = self._forest_eval.reading(column, width)
 
     def _build_index(self) -> None:
@@ -303,8 +304,10 @@ class RelevantNeuronDetector(Detector):
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         """``score`` of one batch: one forward with hooks on the layers the forest reads only."""
         feats, logits = self._features_and_logits(x, self._read_layers)
-        if self._forest_read.device != feats.device:
-            self._forest_read = self._forest_read.to(feats.device)
+        if self._forest_read.device != feats.device:         # one copy of the tables per device
+            if self._forest_eval.device != feats.device:
+                self._forest_eval = self._forest_eval.to(feats.device)
+            self._forest_read = self._forest_eval.reading(*self._read_columns)
         return self._forest_read.predict_proba(feats, logits.argmax(1) if self.use_label else None, column=1)
 
     def score(self, x) -> torch.Tensor:
