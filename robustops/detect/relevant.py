@@ -314,7 +314,9 @@ class RelevantNeuronDetector(Detector):
         """``P(adversarial)`` per image ``[N]`` (float64, on the model's device): the forest's
         averaged leaf fractions of class 1, equal to scikit-learn's ``predict_proba`` (float64, so
         that ``predict`` = ``score > 0.5`` equals the forest's ``predict``). ``x``: images ``[N, ...]``
-        in [0, 1] or batches."""
+        in [0, 1] or batches. One forward per batch, hooked only on the layers that hold a
+        selected neuron (with ``normalize="l2"``; every layer with ``"sum_l2"``): the same values
+        as ``score_features(*features_and_logits(x))``, without computing the other layers."""
         self._check_fitted("score")
         if isinstance(x, torch.Tensor) and x.dim() >= 2 and 0 < x.shape[0] <= self.batch_size:   # one batch
             return self._score_batch(x)
